@@ -1,0 +1,135 @@
+"""Saving and loading checkpoints: atomic writes, and loading that never runs code.
+
+A checkpoint is a `torch.save` dict in the seed's layout: `model_state_dict`,
+optionally `optimizer_state_dict`, plus `config` (the model's seed-style dict)
+and whatever extra entries the caller passes. It is written to a temporary
+file, fsynced and renamed, so a crash never leaves a half-written file under
+the final name; it is read with `torch.load(weights_only=True)`, which refuses
+anything but tensors and plain containers.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import GPTConfig
+from .model import GPTModel
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain module inside `torch.compile` and DistributedDataParallel wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):  # torch.compile
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """`torch.save` to a temporary file beside `path`, fsync, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def safe_load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
+    """`torch.load` that only accepts tensors and plain containers; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise ValueError(f"{path}: not a loadable checkpoint (refused or corrupt): {first_line}") from None
+
+
+def save_checkpoint(path: str | os.PathLike, model: nn.Module,
+                    optimizer: torch.optim.Optimizer | None = None, **extra: Any) -> None:
+    """Save model (and optimizer) state plus `extra` entries atomically to `path`."""
+    model = unwrap_model(model)
+    state: dict[str, Any] = {"model_state_dict": model.state_dict()}
+    if optimizer is not None:
+        state["optimizer_state_dict"] = optimizer.state_dict()
+    if isinstance(getattr(model, "cfg", None), GPTConfig):
+        state["config"] = model.cfg.to_dict()
+    state.update(extra)
+    atomic_save(state, path)
+
+
+def check_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Raise one error listing every missing, unexpected or differently shaped tensor."""
+    expected = model.state_dict()
+    problems = [f"missing {k}" for k in expected if k not in state_dict]
+    problems += [f"unexpected {k}" for k in state_dict if k not in expected]
+    problems += [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+        for k, v in state_dict.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)
+    ]
+    if problems:
+        shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
+        raise ValueError(f"{source} does not fit this model: {shown}")
+
+
+def _model_state(state: Any, path: Path) -> dict[str, torch.Tensor]:
+    """The model weights of a trainer/seed checkpoint or of a bare seed `model.pth` state dict."""
+    if isinstance(state, dict) and "model_state_dict" in state:
+        return state["model_state_dict"]
+    if isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values()):
+        return state  # torch.save(model.state_dict(), "model.pth")
+    raise ValueError(f"{path}: holds neither a state dict nor a 'model_state_dict' entry")
+
+
+def load_checkpoint(path: str | os.PathLike, model: nn.Module,
+                    optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+    """Load weights (and optimizer state) from `path` into `model`; return the other entries."""
+    path = Path(path)
+    state = safe_load(path)
+    model = unwrap_model(model)
+    weights = _model_state(state, path)
+    check_state_dict(model, weights, str(path))
+    model.load_state_dict(weights)
+    if optimizer is not None:
+        if "optimizer_state_dict" not in state:
+            raise ValueError(f"{path}: has no optimizer_state_dict to resume the optimizer from")
+        optimizer.load_state_dict(state["optimizer_state_dict"])
+    if weights is state:
+        return {}
+    return {k: v for k, v in state.items() if k not in ("model_state_dict", "optimizer_state_dict")}
+
+
+def load_model_from_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
+                               config: dict[str, Any] | None = None) -> GPTModel:
+    """Build a GPTModel from a checkpoint's stored `config` (or `config`) and load its weights."""
+    path = Path(path)
+    state = safe_load(path)
+    cfg = config if config is not None else (state.get("config") if isinstance(state, dict) else None)
+    if cfg is None:
+        raise ValueError(f"{path}: stores no model config; pass the config the model was built with")
+    model = GPTModel(cfg)
+    weights = _model_state(state, path)
+    check_state_dict(model, weights, str(path))
+    model.load_state_dict(weights)
+    return model.to(device).eval()

@@ -1,0 +1,211 @@
+"""GPTModel against independent references: Hugging Face GPT-2, an explicit attention,
+and a seed-style implementation written from the seed's description."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from helpers import sharp_model, tiny_config
+from hf_reference import hf_model_from_gpt
+from scratchgpt import (GPT_CONFIG_124M, GPTConfig, GPTModel, MultiHeadAttention, count_parameters,
+                        gpt2_config)
+
+
+def test_logits_equal_hugging_face_gpt2_at_full_context():
+    model = sharp_model(seed=1, context_length=64)
+    hf = hf_model_from_gpt(model)
+    idx = torch.randint(0, 384, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, theirs = model(idx), hf(idx).logits
+    assert ours.shape == (2, 64, 384)
+    assert theirs.abs().max() > 1.0  # the comparison is not between near-zero numbers
+    assert (ours - theirs).abs().max().item() <= 1e-5
+
+
+def explicit_attention(mha: MultiHeadAttention, x: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D) with -inf above the diagonal) v, step by step."""
+    b, t, _ = x.shape
+    h, d = mha.num_heads, mha.head_dim
+    q = mha.W_query(x).view(b, t, h, d).transpose(1, 2)
+    k = mha.W_key(x).view(b, t, h, d).transpose(1, 2)
+    v = mha.W_value(x).view(b, t, h, d).transpose(1, 2)
+    scores = q @ k.transpose(2, 3) / math.sqrt(d)
+    causal = torch.triu(torch.ones(t, t, dtype=torch.bool), 1)
+    weights = torch.softmax(scores.masked_fill(causal, float("-inf")), dim=-1)
+    return mha.out_proj((weights @ v).transpose(1, 2).reshape(b, t, h * d))
+
+
+def test_sdpa_attention_equals_explicit_masked_softmax():
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(d_in=32, d_out=32, context_length=16, dropout=0.0, num_heads=4).eval()
+    x = torch.randn(3, 16, 32) * 3
+    with torch.no_grad():
+        assert torch.allclose(mha(x), explicit_attention(mha, x), atol=1e-6)
+
+
+def test_cached_forward_equals_full_forward():
+    from scratchgpt import KVCache
+
+    model = sharp_model(seed=2)
+    idx = torch.randint(0, 384, (2, 20), generator=torch.Generator().manual_seed(1))
+    cache = KVCache(model, batch_size=2, max_len=32)
+    with torch.no_grad():
+        full = model(idx)
+        # a prefill of 7 tokens, one of 5 (several new tokens after cached ones), then one at a time
+        pieces = [model(idx[:, :7], cache=cache), model(idx[:, 7:12], cache=cache)]
+        pieces += [model(idx[:, i:i + 1], cache=cache) for i in range(12, 20)]
+    assert cache.length == 20
+    assert torch.allclose(torch.cat(pieces, dim=1), full, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- seed-style model
+
+class SeedLayerNorm(nn.Module):
+    def __init__(self, emb_dim):
+        super().__init__()
+        self.eps = 1e-5
+        self.scale = nn.Parameter(torch.ones(emb_dim))
+        self.shift = nn.Parameter(torch.zeros(emb_dim))
+
+    def forward(self, x):
+        mean = x.mean(dim=-1, keepdim=True)
+        var = x.var(dim=-1, keepdim=True, unbiased=False)
+        return self.scale * (x - mean) / torch.sqrt(var + self.eps) + self.shift
+
+
+class SeedGELU(nn.Module):
+    def forward(self, x):
+        return 0.5 * x * (1 + torch.tanh(torch.sqrt(torch.tensor(2.0 / torch.pi)) * (x + 0.044715 * x ** 3)))
+
+
+class SeedFeedForward(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(cfg["emb_dim"], 4 * cfg["emb_dim"]), SeedGELU(),
+                                    nn.Linear(4 * cfg["emb_dim"], cfg["emb_dim"]))
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+class SeedMultiHeadAttention(nn.Module):
+    def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False):
+        super().__init__()
+        self.d_out, self.num_heads, self.head_dim = d_out, num_heads, d_out // num_heads
+        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.out_proj = nn.Linear(d_out, d_out)
+        self.dropout = nn.Dropout(dropout)
+        self.register_buffer("mask", torch.triu(torch.ones(context_length, context_length), diagonal=1))
+
+    def forward(self, x):
+        b, num_tokens, _ = x.shape
+        keys = self.W_key(x).view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
+        queries = self.W_query(x).view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
+        values = self.W_value(x).view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
+        attn_scores = queries @ keys.transpose(2, 3)
+        mask_bool = self.mask.bool()[:num_tokens, :num_tokens]
+        attn_scores.masked_fill_(mask_bool, -torch.inf)
+        attn_weights = self.dropout(torch.softmax(attn_scores / keys.shape[-1] ** 0.5, dim=-1))
+        context = (attn_weights @ values).transpose(1, 2).contiguous().view(b, num_tokens, self.d_out)
+        return self.out_proj(context)
+
+
+class SeedTransformerBlock(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.att = SeedMultiHeadAttention(cfg["emb_dim"], cfg["emb_dim"], cfg["context_length"],
+                                          cfg["drop_rate"], cfg["n_heads"], cfg["qkv_bias"])
+        self.ff = SeedFeedForward(cfg)
+        self.norm1, self.norm2 = SeedLayerNorm(cfg["emb_dim"]), SeedLayerNorm(cfg["emb_dim"])
+        self.drop_shortcut = nn.Dropout(cfg["drop_rate"])
+
+    def forward(self, x):
+        x = x + self.drop_shortcut(self.att(self.norm1(x)))
+        return x + self.drop_shortcut(self.ff(self.norm2(x)))
+
+
+class SeedGPTModel(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.tok_emb = nn.Embedding(cfg["vocab_size"], cfg["emb_dim"])
+        self.pos_emb = nn.Embedding(cfg["context_length"], cfg["emb_dim"])
+        self.drop_emb = nn.Dropout(cfg["drop_rate"])
+        self.trf_blocks = nn.Sequential(*[SeedTransformerBlock(cfg) for _ in range(cfg["n_layers"])])
+        self.final_norm = SeedLayerNorm(cfg["emb_dim"])
+        self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False)
+
+    def forward(self, in_idx):
+        _, seq_len = in_idx.shape
+        x = self.tok_emb(in_idx) + self.pos_emb(torch.arange(seq_len, device=in_idx.device))
+        x = self.trf_blocks(self.drop_emb(x))
+        return self.out_head(self.final_norm(x))
+
+
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_seed_state_dict_loads_unchanged_and_gives_same_logits(qkv_bias):
+    cfg = tiny_config(qkv_bias=qkv_bias)
+    torch.manual_seed(3)
+    seed_model = SeedGPTModel(cfg).eval()
+    model = GPTModel(cfg).eval()
+    model.load_state_dict(seed_model.state_dict())  # strict: same keys, same shapes
+    idx = torch.randint(0, 384, (2, 32))
+    with torch.no_grad():
+        assert torch.allclose(model(idx), seed_model(idx), atol=1e-5)
+
+    back = SeedGPTModel(cfg).eval()
+    back.load_state_dict(sharp_model(seed=4, qkv_bias=qkv_bias).state_dict())  # and the other way round
+    assert back.trf_blocks[0].att.mask.dtype == torch.float32
+    assert torch.equal(back.trf_blocks[0].att.mask, seed_model.trf_blocks[0].att.mask)
+
+
+def test_seed_config_dict_is_accepted_as_is():
+    model = GPTModel(dict(GPT_CONFIG_124M, n_layers=1))
+    assert model.cfg.context_length == 256 and model.cfg.drop_rate == 0.1
+    assert model.pos_emb.weight.shape == (256, 768)
+
+
+def test_parameter_counts_match_gpt2_124m():
+    counts = count_parameters(GPTModel(gpt2_config("124M")))
+    assert counts == {"untied": 163_037_184, "tied": 124_439_808}  # HF's gpt2 has 124,439,808
+    tied = GPTModel(gpt2_config("124M", tie_weights=True))
+    assert tied.out_head.weight is tied.tok_emb.weight
+    assert count_parameters(tied) == counts
+
+
+def test_gpt2_initialisation_scales_residual_projections():
+    torch.manual_seed(0)
+    model = GPTModel(gpt2_config("124M", n_layers=4, vocab_size=1000, context_length=64))
+    assert model.tok_emb.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert model.trf_blocks[0].att.W_query.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    residual = 0.02 / math.sqrt(2 * 4)
+    assert model.trf_blocks[0].att.out_proj.weight.std().item() == pytest.approx(residual, rel=0.05)
+    assert model.trf_blocks[3].ff.layers[2].weight.std().item() == pytest.approx(residual, rel=0.05)
+    assert model.trf_blocks[0].ff.layers[0].bias.abs().max() == 0
+
+
+@pytest.mark.parametrize("size,layers,width,heads", [
+    ("124M", 12, 768, 12), ("355M", 24, 1024, 16), ("774M", 36, 1280, 20), ("1558M", 48, 1600, 25)])
+def test_gpt2_presets(size, layers, width, heads):
+    cfg = GPTConfig.from_dict(gpt2_config(size))
+    assert (cfg.n_layers, cfg.emb_dim, cfg.n_heads, cfg.context_length) == (layers, width, heads, 1024)
+    assert cfg.qkv_bias and cfg.vocab_size == 50257
+
+
+def test_bad_config_and_inputs_name_the_value_and_the_limit():
+    with pytest.raises(ValueError, match=r"emb_dim=50 must be divisible by n_heads=4"):
+        GPTModel(tiny_config(emb_dim=50))
+    with pytest.raises(ValueError, match=r"unknown config keys \['emb_size'\]"):
+        GPTModel(dict(tiny_config(), emb_size=3))
+    with pytest.raises(ValueError, match="unknown GPT-2 size '2B'"):
+        gpt2_config("2B")
+    model = sharp_model()
+    with pytest.raises(ValueError, match=r"sequence of 33 tokens exceeds context_length=32"):
+        model(torch.zeros(1, 33, dtype=torch.long))
+    with pytest.raises(TypeError, match=r"integer tensor, got dtype torch.float32"):
+        model(torch.zeros(1, 4))

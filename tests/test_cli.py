@@ -1,0 +1,67 @@
+"""The command line, run as a user runs it: a real process, real files."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from scratchgpt import GPTModel, save_checkpoint
+
+
+def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "scratchgpt.cli", *args], input=stdin,
+                          capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def small_checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    model = GPTModel({"vocab_size": 50257, "context_length": 64, "emb_dim": 32, "n_heads": 2,
+                      "n_layers": 2, "drop_rate": 0.0, "qkv_bias": False})
+    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
+    save_checkpoint(path, model)
+    return path
+
+
+def test_generate_from_a_checkpoint_streams_the_continuation(tokenizer, small_checkpoint):
+    result = run_cli("generate", "--checkpoint", str(small_checkpoint), "--max-new-tokens", "8",
+                     "--device", "cpu", "Every effort moves you")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Every effort moves you")
+    assert len(tokenizer.encode(result.stdout.rstrip("\n"), allowed_special="all")) > 4
+
+
+def test_generate_reads_the_prompt_from_stdin_and_samples_reproducibly(tokenizer, small_checkpoint):
+    args = ("generate", "--checkpoint", str(small_checkpoint), "--max-new-tokens", "8",
+            "--temperature", "1.0", "--top-p", "0.9", "--seed", "3")
+    first, second = run_cli(*args, stdin="Hello"), run_cli(*args, stdin="Hello")
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == second.stdout and first.stdout.startswith("Hello")
+
+
+def test_bad_option_is_one_clear_line_and_a_nonzero_exit(tokenizer, small_checkpoint):
+    result = run_cli("generate", "--checkpoint", str(small_checkpoint), "--temperature", "-1", "Hi")
+    assert result.returncode == 1
+    assert result.stderr.strip() == "scratchgpt generate: error: temperature must be >= 0 (0 = greedy), got -1.0"
+
+
+def test_missing_checkpoint_names_the_file(tmp_path):
+    result = run_cli("generate", "--checkpoint", str(tmp_path / "none.pt"), "Hi")
+    assert result.returncode == 1
+    assert result.stderr.strip().endswith(f"checkpoint not found: {tmp_path / 'none.pt'}")
+
+
+def test_every_verb_has_help():
+    import argparse
+
+    from scratchgpt.cli import build_parser
+
+    (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    assert {"generate", "vocab"} <= set(sub.choices)
+    for verb in sub.choices:
+        result = run_cli(verb, "--help")
+        assert result.returncode == 0 and "usage: scratchgpt" in result.stdout, verb

@@ -38,6 +38,9 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the checkpoint from other users
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
@@ -79,15 +82,20 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module,
     atomic_save(state, path)
 
 
+def save_model(path: str | os.PathLike, model: nn.Module) -> None:
+    """The seed's `model.pth`: the bare state dict, written atomically."""
+    atomic_save(unwrap_model(model).state_dict(), path)
+
+
 def check_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
     """Raise one error listing every missing, unexpected or differently shaped tensor."""
     expected = model.state_dict()
-    problems = [f"missing {k}" for k in expected if k not in state_dict]
-    problems += [f"unexpected {k}" for k in state_dict if k not in expected]
-    problems += [
+    problems = [  # shapes first: they say most about how the configs differ
         f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
         for k, v in state_dict.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)
     ]
+    problems += [f"missing {k}" for k in expected if k not in state_dict]
+    problems += [f"unexpected {k}" for k in state_dict if k not in expected]
     if problems:
         shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
         raise ValueError(f"{source} does not fit this model: {shown}")

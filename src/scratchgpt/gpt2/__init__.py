@@ -1,0 +1,1 @@
+"""OpenAI's GPT-2: download, TensorFlow-free checkpoint reading and writing, loading, HF interop."""

@@ -1,0 +1,45 @@
+"""The picture the seed shows: train and validation loss against tokens seen.
+
+matplotlib is optional (`pip install scratchgpt[plot]`); without it the plot is
+skipped with one warning and training goes on.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+_warned = False
+
+
+def plot_losses(tokens_seen: Sequence[int], train_losses: Sequence[float], val_losses: Sequence[float],
+                path: str | os.PathLike) -> bool:
+    """Write a PNG of both loss curves to `path` (atomically); False when matplotlib is missing."""
+    global _warned
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        if not _warned:
+            warnings.warn("matplotlib is not installed: skipping the loss plot (pip install matplotlib)",
+                          stacklevel=2)
+            _warned = True
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(tokens_seen, train_losses, label="train loss")
+    ax.plot(tokens_seen, val_losses, linestyle="-.", label="val loss")
+    ax.set_xlabel("tokens seen")
+    ax.set_ylabel("loss (nats/token)")
+    ax.legend(loc="upper right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return True

@@ -1,0 +1,525 @@
+"""Training: the seed's simple loop for reading, and the `Trainer` for running.
+
+The seed's functions (`calc_loss_batch`, `calc_loss_loader`, `evaluate_model`,
+`train_model_simple`) keep its names, printed lines and return values.
+
+`Trainer` is what `scratchgpt train` runs: AdamW with weight decay on 2-D
+weights only, linear warm-up then cosine decay, gradient clipping and
+accumulation, mixed precision, optional `torch.compile`, DistributedDataParallel
+under `torchrun`, periodic evaluation with a sample, JSON-lines metrics, a loss
+plot, and checkpoints that resume exactly (model, optimizer, scheduler, scaler,
+every RNG state and the data position).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from .checkpoint import load_checkpoint, save_checkpoint, save_model, unwrap_model
+from .data import TokenWindows, check_corpus_size
+from .distributed import DistContext, all_reduce_sum, any_process, gather_objects, init_distributed
+from .generate import generate
+from .plot import plot_losses
+from .tokenizer import text_to_token_ids, token_ids_to_text
+
+
+# --------------------------------------------------------------------------- the seed's loop
+
+def calc_loss_batch(input_batch: torch.Tensor, target_batch: torch.Tensor, model: nn.Module,
+                    device: torch.device | str) -> torch.Tensor:
+    """Mean cross-entropy of the model's next-token predictions over a batch."""
+    input_batch, target_batch = input_batch.to(device), target_batch.to(device)
+    logits = model(input_batch)
+    return F.cross_entropy(logits.flatten(0, 1), target_batch.flatten())
+
+
+def calc_loss_loader(data_loader: DataLoader, model: nn.Module, device: torch.device | str,
+                     num_batches: int | None = None) -> float:
+    """Mean of `calc_loss_batch` over the first `num_batches` batches (all when None).
+
+    An empty loader is an error, not the seed's silent `nan`.
+    """
+    if len(data_loader) == 0:
+        raise ValueError("data loader yields no batches: its text is shorter than one sample "
+                         "(max_length + 1 tokens) or than batch_size samples with drop_last=True")
+    num_batches = len(data_loader) if num_batches is None else min(num_batches, len(data_loader))
+    total = 0.0
+    for i, (input_batch, target_batch) in enumerate(data_loader):
+        if i >= num_batches:
+            break
+        total += calc_loss_batch(input_batch, target_batch, model, device).item()
+    return total / num_batches
+
+
+def evaluate_model(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
+                   device: torch.device | str, eval_iter: int) -> tuple[float, float]:
+    """Train and validation loss over `eval_iter` batches each, without dropout or gradients."""
+    model.eval()
+    with torch.no_grad():
+        train_loss = calc_loss_loader(train_loader, model, device, num_batches=eval_iter)
+        val_loss = calc_loss_loader(val_loader, model, device, num_batches=eval_iter)
+    model.train()
+    return train_loss, val_loss
+
+
+def generate_and_print_sample(model: nn.Module, tokenizer, device: torch.device | str,
+                              start_context: str, max_new_tokens: int = 50) -> None:
+    """Print the model's greedy continuation of `start_context` on one line, as the seed does."""
+    model.eval()
+    context_size = unwrap_model(model).pos_emb.weight.shape[0]
+    encoded = text_to_token_ids(start_context, tokenizer).to(device)
+    with torch.no_grad():
+        token_ids = generate(model, encoded, max_new_tokens, context_size)
+    print(token_ids_to_text(token_ids, tokenizer).replace("\n", " "))
+    model.train()
+
+
+def train_model_simple(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
+                       optimizer: torch.optim.Optimizer, device: torch.device | str, num_epochs: int,
+                       eval_freq: int, eval_iter: int, start_context: str,
+                       tokenizer) -> tuple[list[float], list[float], list[int]]:
+    """The seed's loop: evaluate every `eval_freq` steps, print a sample after each epoch.
+
+    Returns (train_losses, val_losses, tokens_seen), one entry per evaluation.
+    """
+    train_losses, val_losses, track_tokens_seen = [], [], []
+    tokens_seen, global_step = 0, -1
+    for epoch in range(num_epochs):
+        model.train()
+        for input_batch, target_batch in train_loader:
+            optimizer.zero_grad()
+            loss = calc_loss_batch(input_batch, target_batch, model, device)
+            loss.backward()
+            optimizer.step()
+            tokens_seen += input_batch.numel()
+            global_step += 1
+            if global_step % eval_freq == 0:
+                train_loss, val_loss = evaluate_model(model, train_loader, val_loader, device, eval_iter)
+                train_losses.append(train_loss)
+                val_losses.append(val_loss)
+                track_tokens_seen.append(tokens_seen)
+                print(f"Ep {epoch + 1} (Step {global_step:06d}): "
+                      f"Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
+        generate_and_print_sample(model, tokenizer, device, start_context)
+    return train_losses, val_losses, track_tokens_seen
+
+
+# --------------------------------------------------------------------------- the trainer's parts
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
+                   device: torch.device) -> torch.optim.AdamW:
+    """AdamW decaying only 2-D weights (matmuls, embeddings), not biases or norms; fused where available."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    fused = device.type in ("cuda", "cpu", "mps")
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
+
+
+def lr_factor(step: int, warmup: int, max_steps: int, min_ratio: float) -> float:
+    """Multiplier of the peak learning rate at `step`: linear warm-up, then cosine decay to `min_ratio`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for `name` on `device` (None = full fp32).
+
+    auto: bf16 on CUDA where supported, else fp16 (with a gradient scaler); fp32 on CPU and MPS.
+    """
+    if name == "auto":
+        if device.type != "cuda":
+            return None
+        name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if name not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"unknown dtype {name!r}; choose auto, fp32, bf16 or fp16")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def rng_state() -> dict[str, Any]:
+    """Every random number generator training touches, in a form `weights_only` loading accepts."""
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` captured."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np_state = state["numpy"]
+    np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["cached_gaussian"]))
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch (CPU and CUDA), Python's `random` and numpy."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+class WindowSampler:
+    """Which training windows each step reads, from the seed and the data position alone.
+
+    Each epoch cuts the train tokens into non-overlapping windows from a random
+    offset and visits them in a random order. A position (epoch, offset) says how
+    many windows of the epoch are used, so a resumed run reads what the
+    interrupted one would have, whatever the batch size or number of processes.
+    """
+
+    def __init__(self, tokens: np.ndarray, window: int, seed: int):
+        self.tokens, self.window, self.seed = tokens, window, seed
+        self._plan: tuple[int, int, torch.Tensor] | None = None
+
+    def _epoch_plan(self, epoch: int) -> tuple[int, torch.Tensor]:
+        if self._plan is None or self._plan[0] != epoch:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            count = (len(self.tokens) - 1) // self.window
+            slack = len(self.tokens) - 1 - count * self.window  # tokens no window of this epoch uses
+            start = int(torch.randint(slack + 1, (1,), generator=gen))
+            self._plan = (epoch, start, torch.randperm(count, generator=gen))
+        return self._plan[1], self._plan[2]
+
+    def windows_in_epoch(self, epoch: int) -> int:
+        return len(self._epoch_plan(epoch)[1])
+
+    def batch(self, epoch: int, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and targets [count, window] of windows first..first+count of `epoch`'s order."""
+        start, order = self._epoch_plan(epoch)
+        starts = start + order[first:first + count].numpy() * self.window
+        rows = self.tokens[starts[:, None] + np.arange(self.window + 1)].astype(np.int64)
+        chunk = torch.from_numpy(rows)
+        return chunk[:, :-1], chunk[:, 1:]
+
+
+@dataclass
+class TrainConfig:
+    """Everything about a run except the model and the data."""
+
+    out_dir: str = "runs/train"
+    batch_size: int = 8  # sequences per process per micro-step
+    grad_accum: int = 1  # micro-steps per optimizer step
+    context_length: int | None = None  # tokens per training window (default: the model's)
+    max_steps: int = 1000  # optimizer steps; the learning-rate schedule spans them
+    max_minutes: float | None = None  # stop earlier (with a checkpoint) after this long
+    lr: float = 4e-4
+    min_lr_ratio: float = 0.1  # the cosine decays to lr * min_lr_ratio
+    warmup: int = 100
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off
+    dtype: str = "auto"  # autocast: auto, fp32, bf16 or fp16
+    compile: bool = False
+    eval_every: int = 100  # evaluate, sample, plot and checkpoint every this many steps
+    eval_iters: int = 10  # batches per split per evaluation
+    sample_prompt: str = "Every effort moves you"
+    sample_tokens: int = 40
+    seed: int = 123
+    deterministic: bool = False
+    device: str = "auto"
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "grad_accum", "max_steps", "eval_every", "eval_iters"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup < 0 or self.lr <= 0:
+            raise ValueError(f"need lr > 0 and warmup >= 0, got lr={self.lr}, warmup={self.warmup}")
+
+
+@dataclass
+class TrainResult:
+    """How a run ended."""
+
+    step: int
+    tokens_seen: int
+    train_loss: float | None
+    val_loss: float | None
+    best_val_loss: float | None
+    interrupted: bool
+    checkpoint: Path | None
+    losses: list[float] = field(default_factory=list)  # training loss of each step run here
+
+
+class _StopSignals:
+    """Turns SIGINT/SIGTERM into a flag the loop checks, so it can save before leaving."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopSignals":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+# --------------------------------------------------------------------------- the trainer
+
+class Trainer:
+    """Trains `model` on token arrays (numpy, possibly memory-mapped) for `config.max_steps` steps.
+
+    Under `torchrun` each process reads its own share of every batch and only
+    rank 0 writes. The output folder holds `last.pt` and `best.pt` (checkpoints),
+    `metrics.jsonl`, `loss.png` and, at the end, the seed's `model.pth`.
+    """
+
+    def __init__(self, model: nn.Module, train_tokens: np.ndarray, val_tokens: np.ndarray,
+                 config: TrainConfig, tokenizer=None):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.dist, self.device = init_distributed(config.device)
+        if config.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
+        seed_everything(config.seed + self.dist.rank)
+
+        self.raw_model = unwrap_model(model).to(self.device)
+        self.window = config.context_length or self.raw_model.cfg.context_length
+        if self.window > self.raw_model.cfg.context_length:
+            raise ValueError(f"context_length {self.window} exceeds the model's "
+                             f"{self.raw_model.cfg.context_length} positions")
+        self.micro_batches = config.batch_size * self.dist.world_size  # windows per micro-step, all processes
+        self.global_batch = self.micro_batches * config.grad_accum  # windows per optimizer step
+        check_corpus_size({"train": len(train_tokens), "val": len(val_tokens)}, self.window,
+                          {"train": self.global_batch})
+        self.sampler = WindowSampler(train_tokens, self.window, config.seed)
+        self.eval_sets = {name: TokenWindows(tokens, self.window, self.window)
+                          for name, tokens in (("train", train_tokens), ("val", val_tokens))}
+
+        self.optimizer = make_optimizer(self.raw_model, config.lr, config.weight_decay, config.betas, self.device)
+        schedule = (config.warmup, config.max_steps, config.min_lr_ratio)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, *schedule))
+        self.amp_dtype = autocast_dtype(config.dtype, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+
+        self.model: nn.Module = torch.compile(self.raw_model) if config.compile else self.raw_model
+        if self.dist.enabled:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
+
+        self.out_dir = Path(config.out_dir)
+        self.step, self.tokens_seen, self.epoch, self.offset = 0, 0, 0, 0
+        self.best_val_loss: float | None = None
+        self.history: dict[str, list] = {"tokens": [], "train": [], "val": []}
+        self.last_checkpoint: Path | None = None
+        if config.resume:
+            self._resume(self.out_dir / "last.pt")
+        elif self.dist.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "metrics.jsonl").write_text("")
+
+    # ----------------------------------------------------------------- steps
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _train_step(self) -> float:
+        """One optimizer step over the global batch; returns its mean loss over all processes."""
+        cfg, rank = self.config, self.dist.rank
+        if self.offset + self.global_batch > self.sampler.windows_in_epoch(self.epoch):
+            self.epoch, self.offset = self.epoch + 1, 0
+        self.model.train()
+        total = torch.zeros((), device=self.device)
+        for micro in range(cfg.grad_accum):
+            first = self.offset + micro * self.micro_batches + rank * cfg.batch_size
+            inputs, targets = self.sampler.batch(self.epoch, first, cfg.batch_size)
+            last = micro == cfg.grad_accum - 1
+            sync = nullcontext() if last or not self.dist.enabled else self.model.no_sync()
+            with sync:
+                with self._autocast():
+                    loss = calc_loss_batch(inputs, targets, self.model, self.device)
+                self.scaler.scale(loss / cfg.grad_accum).backward()
+            total += loss.detach()
+        mean_loss = all_reduce_sum(total / cfg.grad_accum, self.dist).item() / self.dist.world_size
+        if not math.isfinite(mean_loss):
+            kept = (f"last good checkpoint {self.last_checkpoint}" if self.last_checkpoint
+                    else "no checkpoint was saved yet")
+            raise FloatingPointError(f"loss is {mean_loss} at step {self.step + 1}; stopped ({kept}); "
+                                     f"try a lower --lr, more --warmup or --dtype fp32")
+        if cfg.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.offset += self.global_batch
+        self.step += 1
+        self.tokens_seen += self.global_batch * self.window
+        return mean_loss
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean loss per token on the first `eval_iters` batches of each split, shared among processes."""
+        self.raw_model.eval()
+        losses = {}
+        for name, windows in self.eval_sets.items():
+            count = min(len(windows), self.config.eval_iters * self.micro_batches)
+            mine = list(range(self.dist.rank, count, self.dist.world_size))
+            total = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sum, tokens
+            for i in range(0, len(mine), self.config.batch_size):
+                batch = [windows[j] for j in mine[i:i + self.config.batch_size]]
+                inputs, targets = torch.stack([b[0] for b in batch]), torch.stack([b[1] for b in batch])
+                with self._autocast():
+                    loss = calc_loss_batch(inputs, targets, self.raw_model, self.device)
+                total += torch.tensor([loss.item() * targets.numel(), targets.numel()],
+                                      dtype=torch.float64, device=self.device)
+            all_reduce_sum(total, self.dist)
+            losses[name] = (total[0] / total[1]).item()
+        self.raw_model.train()
+        return losses
+
+    def sample(self) -> str:
+        """A continuation of `sample_prompt` (top-k sampling with a fixed seed; global RNGs untouched)."""
+        prompt = text_to_token_ids(self.config.sample_prompt, self.tokenizer).to(self.device)
+        self.raw_model.eval()
+        out = generate(self.raw_model, prompt, self.config.sample_tokens, self.window,
+                       temperature=0.8, top_k=40, seed=self.config.seed)
+        self.raw_model.train()
+        return token_ids_to_text(out, self.tokenizer)
+
+    # ----------------------------------------------------------------- checkpoints and logs
+
+    def save(self, path: Path) -> None:
+        """Write a resumable checkpoint (all processes call this: it gathers their RNG states)."""
+        rng_states = gather_objects(rng_state(), self.dist)
+        if not self.dist.is_main:
+            return
+        save_checkpoint(path, self.raw_model, self.optimizer,
+                        train_config=asdict(self.config), step=self.step, tokens_seen=self.tokens_seen,
+                        best_val_loss=self.best_val_loss, history=self.history,
+                        scheduler_state_dict=self.scheduler.state_dict(),
+                        scaler_state_dict=self.scaler.state_dict(), rng_states=rng_states,
+                        data_position={"epoch": self.epoch, "offset": self.offset},
+                        world_size=self.dist.world_size)
+        self.last_checkpoint = path
+
+    def _resume(self, path: Path) -> None:
+        if not path.is_file():
+            raise FileNotFoundError(f"cannot resume: {path} not found (run without --resume to start)")
+        extra = load_checkpoint(path, self.raw_model, self.optimizer)
+        self.scheduler.load_state_dict(extra["scheduler_state_dict"])
+        self.scaler.load_state_dict(extra["scaler_state_dict"])
+        self.step, self.tokens_seen = extra["step"], extra["tokens_seen"]
+        self.best_val_loss, self.history = extra["best_val_loss"], extra["history"]
+        self.epoch, self.offset = extra["data_position"]["epoch"], extra["data_position"]["offset"]
+        if extra["world_size"] == self.dist.world_size:
+            set_rng_state(extra["rng_states"][self.dist.rank])
+        else:  # a different number of processes: data order is kept, dropout masks cannot be
+            seed_everything(self.config.seed + self.dist.rank + self.step)
+        self.last_checkpoint = path
+        if self.dist.is_main:  # forget the log lines written after this checkpoint
+            metrics = self.out_dir / "metrics.jsonl"
+            lines = metrics.read_text().splitlines() if metrics.is_file() else []
+            kept = [line for line in lines if json.loads(line)["step"] <= self.step]
+            metrics.write_text("".join(line + "\n" for line in kept))
+            print(f"resumed from {path} at step {self.step} ({self.tokens_seen:,} tokens seen)")
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.dist.is_main:
+            with open(self.out_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _evaluate_and_save(self, bar: tqdm) -> dict[str, float]:
+        losses = self.evaluate()
+        self.history["tokens"].append(self.tokens_seen)
+        self.history["train"].append(losses["train"])
+        self.history["val"].append(losses["val"])
+        self._log({"step": self.step, "tokens": self.tokens_seen,
+                   "train_loss": losses["train"], "val_loss": losses["val"]})
+        improved = self.best_val_loss is None or losses["val"] < self.best_val_loss
+        if improved:
+            self.best_val_loss = losses["val"]
+        self.save(self.out_dir / "last.pt")
+        if self.dist.is_main:
+            if improved:
+                save_checkpoint(self.out_dir / "best.pt", self.raw_model, step=self.step,
+                                val_loss=losses["val"], tokens_seen=self.tokens_seen)
+            plot_losses(self.history["tokens"], self.history["train"], self.history["val"],
+                        self.out_dir / "loss.png")
+            bar.write(f"step {self.step:>6}/{self.config.max_steps} | train loss {losses['train']:.3f}"
+                      f" | val loss {losses['val']:.3f} | {self.tokens_seen:,} tokens seen")
+            if self.tokenizer is not None:
+                bar.write(f"  sample: {self.sample()!r}")
+        return losses
+
+    # ----------------------------------------------------------------- the loop
+
+    def train(self) -> TrainResult:
+        """Run until `max_steps` (or `max_minutes`, or SIGINT/SIGTERM), evaluating and checkpointing."""
+        cfg = self.config
+        losses: list[float] = []
+        last_eval: dict[str, float] = {}
+        started = time.monotonic()
+        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not self.dist.is_main,
+                   dynamic_ncols=True, unit="step")
+        interrupted = False
+        with _StopSignals() as signals, bar:
+            while self.step < cfg.max_steps:
+                step_start = time.monotonic()
+                lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
+                loss = self._train_step()
+                losses.append(loss)
+                tokens_per_s = self.global_batch * self.window / (time.monotonic() - step_start)
+                self._log({"step": self.step, "tokens": self.tokens_seen, "loss": loss, "lr": lr,
+                           "tokens_per_s": round(tokens_per_s, 1)})
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+                out_of_time = cfg.max_minutes is not None and time.monotonic() - started > 60 * cfg.max_minutes
+                interrupted, out_of_time = any_process([signals.received is not None, out_of_time],
+                                                       self.dist, self.device)
+                if interrupted:  # save and leave at once
+                    self.save(self.out_dir / "last.pt")
+                    break
+                if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps or out_of_time:
+                    last_eval = self._evaluate_and_save(bar)
+                if out_of_time:
+                    break
+        if interrupted and self.dist.is_main:
+            print(f"interrupted at step {self.step}: saved {self.out_dir / 'last.pt'}; "
+                  f"continue with the same command and --resume")
+        if not interrupted and self.dist.is_main:
+            save_model(self.out_dir / "model.pth", self.raw_model)
+        return TrainResult(self.step, self.tokens_seen, last_eval.get("train"), last_eval.get("val"),
+                           self.best_val_loss, interrupted, self.last_checkpoint, losses)

@@ -529,9 +529,16 @@ def write_tf_checkpoint(prefix: str | os.PathLike, tensors: Mapping[str, np.ndar
     with _atomic_writer(Path(f"{prefix}.index")) as f:
         f.write(index_bytes)
     if state_file:
+        name = _c_escape(os.fsencode(prefix.name))
         with _atomic_writer(prefix.parent / "checkpoint") as f:
-            f.write(f'model_checkpoint_path: "{prefix.name}"\nall_model_checkpoint_paths: "{prefix.name}"\n'.encode())
+            f.write(b'model_checkpoint_path: "%s"\nall_model_checkpoint_paths: "%s"\n' % (name, name))
     return prefix
+
+
+def _c_escape(raw: bytes) -> bytes:
+    """Quote bytes for a text-format protobuf string as TensorFlow does (octal for the unprintable)."""
+    special = {ord("\\"): b"\\\\", ord('"'): b'\\"', ord("'"): b"\\'", ord("\n"): b"\\n"}
+    return b"".join(special.get(c) or (bytes([c]) if 32 <= c < 127 else b"\\%03o" % c) for c in raw)
 
 
 class _atomic_writer:

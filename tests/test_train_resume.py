@@ -1,0 +1,107 @@
+"""`scratchgpt train` as a user runs it: killed and resumed, interrupted, and under torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from scratchgpt.checkpoint import safe_load
+
+TINY = ["--corpus", "pydoc", "--n-layers", "2", "--emb-dim", "32", "--n-heads", "2", "--context-length", "32",
+        "--drop-rate", "0.1", "--batch-size", "4", "--lr", "2e-3", "--warmup", "5", "--eval-iters", "2",
+        "--sample-tokens", "5", "--device", "cpu", "--deterministic"]
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
+
+
+def train_command(out_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "scratchgpt.cli", "train", *TINY, "--out-dir", str(out_dir), *extra]
+
+
+def run_train(out_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    result = subprocess.run(train_command(out_dir, *extra), capture_output=True, text=True, env=ENV, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result
+
+
+def metrics(out_dir: Path) -> list[dict]:
+    """The log without its timing column (the one thing that differs between runs)."""
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in records]
+
+
+def start_and_wait_for(out_dir: Path, line_start: str, *extra: str) -> subprocess.Popen:
+    """Start a training process and return once it printed a line beginning with `line_start`."""
+    proc = subprocess.Popen(train_command(out_dir, *extra), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True, env=ENV)
+    for line in proc.stdout:
+        if line.startswith(line_start):
+            return proc
+    proc.wait()
+    pytest.fail(f"training ended (status {proc.returncode}) before printing {line_start!r}")
+
+
+def test_sigkill_and_resume_gives_bitwise_the_same_losses(tmp_path, tokenizer):
+    steps = ["--max-steps", "40", "--eval-every", "20"]
+    run_train(tmp_path / "straight", *steps)
+
+    proc = start_and_wait_for(tmp_path / "killed", "step     20/40", *steps)  # last.pt of step 20 is on disk
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert safe_load(tmp_path / "killed" / "last.pt")["step"] == 20, "killed too late: the run had finished"
+    resumed = run_train(tmp_path / "killed", *steps, "--resume")
+    assert "resumed from" in resumed.stdout and "at step 20" in resumed.stdout
+
+    straight, killed = metrics(tmp_path / "straight"), metrics(tmp_path / "killed")
+    assert len(straight) == 40 + 2 and straight == killed  # every loss, bitwise (JSON keeps all digits)
+
+
+def test_sigint_saves_a_checkpoint_and_exits(tmp_path, tokenizer):
+    proc = start_and_wait_for(tmp_path, "step      5/", "--max-steps", "100000", "--eval-every", "5")
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "continue with the same command and --resume" in out
+    state = safe_load(tmp_path / "last.pt")
+    assert state["step"] >= 5 and "optimizer_state_dict" in state and "rng_states" in state
+
+
+def test_errors_are_one_line(tmp_path, tokenizer):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"fine text \xc3\x28 broken")
+    cases = {
+        ("--data", str(bad)): f"{bad}: invalid UTF-8 at byte 10",
+        ("--val-fraction", "0.0002"): "corpus too small: tokens per split: train ",
+        ("--resume",): "cannot resume: ",
+    }
+    for args, message in cases.items():
+        command = train_command(tmp_path / "out", *args)
+        if args[0] == "--data":
+            command[command.index("--corpus"):command.index("--corpus") + 2] = []
+        result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=120)
+        assert result.returncode == 1
+        assert result.stderr.strip().splitlines()[-1].startswith(f"scratchgpt train: error: {message}"), result.stderr
+
+
+@pytest.mark.slow  # about 20-30 s: four Python processes start torch
+def test_two_gloo_processes_match_one_with_the_same_global_batch(tmp_path, tokenizer):
+    common = ["--max-steps", "6", "--eval-every", "3", "--drop-rate", "0", "--grad-accum", "2"]
+    run_train(tmp_path / "one", *common, "--batch-size", "8")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command = train_command(tmp_path / "two", *common, "--batch-size", "4")
+    result = subprocess.run(torchrun + ["-m", "scratchgpt.cli"] + command[3:],
+                            capture_output=True, text=True, env={**ENV, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert safe_load(tmp_path / "two" / "last.pt")["world_size"] == 2
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert len(one) == len(two) == 6 + 2
+    for a, b in zip(one, two):
+        assert a.keys() == b.keys() and a["step"] == b["step"] and a["tokens"] == b["tokens"]
+        for key in ("loss", "train_loss", "val_loss"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], abs=1e-5), (key, a, b)

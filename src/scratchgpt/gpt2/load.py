@@ -284,9 +284,14 @@ def load_gpt2(size_or_folder: str | os.PathLike, models_dir: str | os.PathLike =
         folder = Path(size_or_folder)
         if not folder.is_dir():
             raise ValueError(f"{size_or_folder!r} is neither a GPT-2 size {list(GPT2_SIZES)} nor a model folder")
-    model = load_gpt2_from_folder(folder, device)
+    return load_gpt2_from_folder(folder, device), tokenizer_for_folder(folder)
+
+
+def tokenizer_for_folder(folder: str | os.PathLike):
+    """The GPT-2 tokenizer from a model folder's `encoder.json` + `vocab.bpe`, else from `get_tokenizer()`."""
+    folder = Path(folder)
     has_vocab = (folder / "encoder.json").is_file() and (folder / "vocab.bpe").is_file()
-    return model, get_tokenizer(folder if has_vocab else None)
+    return get_tokenizer(folder if has_vocab else None)
 
 
 def save_gpt2_tf(model: GPTModel, folder: str | os.PathLike) -> Path:

@@ -68,6 +68,16 @@ def test_import_of_the_published_layout_without_the_transformer_prefix(tmp_path)
         torch.testing.assert_close(load_hf_gpt2(folder)(ids), reference(ids).logits, rtol=0, atol=1e-5)
 
 
+def test_import_of_bfloat16_weights(tmp_path):
+    reference, _ = hf_model(tmp_path)
+    reference.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    model = load_hf_gpt2(tmp_path / "bf16")
+    assert model.tok_emb.weight.dtype == torch.float32
+    ids = torch.arange(24)[None] * 3
+    with torch.no_grad():  # the same bf16-rounded weights, computed in fp32 on both sides
+        torch.testing.assert_close(model(ids), reference.float()(ids).logits, rtol=0, atol=1e-5)
+
+
 def test_untied_heads_survive_both_directions(tmp_path):
     reference, folder = hf_model(tmp_path, tie_word_embeddings=False)
     model = load_hf_gpt2(folder)

@@ -76,7 +76,7 @@ def download_file(url: str, dest: str | os.PathLike, *, retries: int = 5, backof
     failures = 0
     while True:
         try:
-            _fetch_into(url, part, timeout, progress)
+            _fetch_into(url, dest, part, timeout, progress)
             break
         except _Retryable as exc:
             failures += 1
@@ -86,7 +86,7 @@ def download_file(url: str, dest: str | os.PathLike, *, retries: int = 5, backof
     os.replace(part, dest)
 
 
-def _fetch_into(url: str, part: Path, timeout: float, progress: bool) -> None:
+def _fetch_into(url: str, dest: Path, part: Path, timeout: float, progress: bool) -> None:
     """One attempt: append the rest of `url` to `part` (or rewrite it); raise _Retryable on transient trouble."""
     have = part.stat().st_size if part.exists() else 0
     request = urllib.request.Request(url, headers={"User-Agent": "scratchgpt"})
@@ -101,7 +101,7 @@ def _fetch_into(url: str, part: Path, timeout: float, progress: bool) -> None:
             raise _Retryable(f"HTTP 416 resuming {part.name}; restarting it") from None
         if exc.code >= 500:
             raise _Retryable(f"HTTP {exc.code} {exc.reason}") from None
-        raise DownloadError(f"{url}: HTTP {exc.code} {exc.reason} (fetching {part.parent / part.name[:-5]})") from None
+        raise DownloadError(f"{url}: HTTP {exc.code} {exc.reason} (fetching {dest})") from None
     except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
         raise _Retryable(f"{exc.__class__.__name__}: {getattr(exc, 'reason', exc)}") from None
     with response:
@@ -116,10 +116,9 @@ def _fetch_into(url: str, part: Path, timeout: float, progress: bool) -> None:
             have, mode = 0, "wb"
             length = response.headers.get("Content-Length")
             total = int(length) if length is not None else None
-        name = part.name[:-5]
         try:
             with open(part, mode) as f, tqdm(total=total, initial=have, unit="B", unit_scale=True,
-                                             unit_divisor=1024, desc=name, disable=not progress,
+                                             unit_divisor=1024, desc=dest.name, disable=not progress,
                                              leave=False) as bar:
                 while chunk := response.read(CHUNK):
                     f.write(chunk)

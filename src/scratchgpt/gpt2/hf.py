@@ -101,8 +101,8 @@ def load_hf_gpt2(folder: str | os.PathLike, device: str | torch.device = "cpu") 
         if not path.is_file():
             raise FileNotFoundError(f"{path}: not found (an HF GPT-2 folder holds config.json and model.safetensors)")
     cfg = config_from_hf(json.loads(config_path.read_text(encoding="utf-8")), str(config_path))
-    with safe_open(weights_path, framework="np") as f:
-        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    with safe_open(weights_path, framework="pt") as f:  # "pt" reads bf16/fp16 files too; GPTModel is fp32
+        tensors = {name: f.get_tensor(name).to(torch.float32).numpy() for name in f.keys()}
     params = params_from_hf_tensors(tensors, cfg["n_layers"], str(weights_path))
     head = tensors.get("lm_head.weight")  # used only when the config unties it, as transformers does
     model = gpt2_model_for_weights(cfg, device)

@@ -208,3 +208,17 @@ def test_unsupported_dtype_and_partitioned_tensors_are_refused(mini_copy):
     rewrite_entry(mini_copy, "model/wpe", tf_dtype=7)  # DT_STRING
     with pytest.raises(CheckpointError, match="tensor 'model/wpe': unsupported TensorFlow dtype enum 7"):
         TFCheckpointReader(mini_copy)
+
+
+def test_tensors_spread_over_two_shards_are_read_from_the_right_files(tmp_path):
+    a, b = np.arange(4, dtype=np.float32), np.arange(6, dtype=np.int64).reshape(2, 3)
+    (tmp_path / "ck.data-00000-of-00002").write_bytes(a.tobytes())
+    (tmp_path / "ck.data-00001-of-00002").write_bytes(b"junk" + b.tobytes())
+    entries = [(b"a", encode_entry(TensorEntry("a", 1, (4,), 0, 0, 16, mask_crc(crc32c(a))))),
+               (b"b", encode_entry(TensorEntry("b", 9, (2, 3), 1, 4, 48, mask_crc(crc32c(b)))))]
+    (tmp_path / "ck.index").write_bytes(build_index(b"\x08\x02\x1a\x02\x08\x01", entries))  # num_shards 2
+    reader = TFCheckpointReader(tmp_path / "ck")
+    assert np.array_equal(reader["a"], a) and np.array_equal(reader["b"], b)
+    (tmp_path / "ck.index").write_bytes(build_index(b"\x08\x02\x10\x01", entries))  # endianness BIG
+    with pytest.raises(CheckpointError, match="big-endian checkpoints are not supported"):
+        TFCheckpointReader(tmp_path / "ck")

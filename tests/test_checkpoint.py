@@ -43,7 +43,8 @@ def test_seed_formats_written_by_seed_code_load_here(tmp_path):
     fresh, fresh_opt = _trained_pair(seed=1)
     load_checkpoint(tmp_path / "model_and_optimizer.pth", fresh, fresh_opt)
     assert _models_equal(fresh, model)
-    assert torch.equal(fresh_opt.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
+    moments = [opt.state_dict()["state"][0]["exp_avg"] for opt in (fresh_opt, optimizer)]
+    assert torch.equal(*moments)
 
 
 def test_files_written_here_load_with_the_seed_code(tmp_path):

@@ -110,7 +110,8 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path):
 
 def test_corpus_too_small_fails_before_training(tmp_path):
     train_tokens, val_tokens = byte_tokens()
-    with pytest.raises(CorpusTooSmall, match=r"train [0-9,]+, val 20; one sample at max_length=32 needs 33 tokens"):
+    expected = r"train [0-9,]+, val 20; one sample at max_length=32 needs 33 tokens"
+    with pytest.raises(CorpusTooSmall, match=expected):
         Trainer(GPTModel(tiny_config()), train_tokens, val_tokens[:20], tiny_run(tmp_path))
     assert not (tmp_path / "run").exists()
 

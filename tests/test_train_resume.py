@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import shared_path
 from scratchgpt.checkpoint import safe_load
 
 TINY = ["--corpus", "pydoc", "--n-layers", "2", "--emb-dim", "32", "--n-heads", "2", "--context-length", "32",
@@ -47,18 +48,18 @@ def start_and_wait_for(out_dir: Path, line_start: str, *extra: str) -> subproces
 
 
 def test_sigkill_and_resume_gives_bitwise_the_same_losses(tmp_path, tokenizer):
-    steps = ["--max-steps", "40", "--eval-every", "20"]
+    steps = ["--max-steps", "24", "--eval-every", "12"]
     run_train(tmp_path / "straight", *steps)
 
-    proc = start_and_wait_for(tmp_path / "killed", "step     20/40", *steps)  # last.pt of step 20 is on disk
+    proc = start_and_wait_for(tmp_path / "killed", "step     12/24", *steps)  # last.pt of step 12 is on disk
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert safe_load(tmp_path / "killed" / "last.pt")["step"] == 20, "killed too late: the run had finished"
+    assert safe_load(tmp_path / "killed" / "last.pt")["step"] == 12, "killed too late: the run had finished"
     resumed = run_train(tmp_path / "killed", *steps, "--resume")
-    assert "resumed from" in resumed.stdout and "at step 20" in resumed.stdout
+    assert "resumed from" in resumed.stdout and "at step 12" in resumed.stdout
 
     straight, killed = metrics(tmp_path / "straight"), metrics(tmp_path / "killed")
-    assert len(straight) == 40 + 2 and straight == killed  # every loss, bitwise (JSON keeps all digits)
+    assert len(straight) == 24 + 2 and straight == killed  # every loss, bitwise (JSON keeps all digits)
 
 
 def test_sigint_saves_a_checkpoint_and_exits(tmp_path, tokenizer):
@@ -85,7 +86,8 @@ def test_errors_are_one_line(tmp_path, tokenizer):
             command[command.index("--corpus"):command.index("--corpus") + 2] = []
         result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=120)
         assert result.returncode == 1
-        assert result.stderr.strip().splitlines()[-1].startswith(f"scratchgpt train: error: {message}"), result.stderr
+        last_line = result.stderr.strip().splitlines()[-1]
+        assert last_line.startswith(f"scratchgpt train: error: {message}"), result.stderr
 
 
 @pytest.mark.slow  # about 20-30 s: four Python processes start torch
@@ -105,3 +107,16 @@ def test_two_gloo_processes_match_one_with_the_same_global_batch(tmp_path, token
         for key in ("loss", "train_loss", "val_loss"):
             if key in a:
                 assert b[key] == pytest.approx(a[key], abs=1e-5), (key, a, b)
+
+
+def test_fine_tunes_gpt2_from_an_openai_folder(tmp_path, tokenizer):
+    folder = shared_path("gpt2-tiny-tf")  # a random-weight GPT-2 written by OpenAI's own TensorFlow code
+    command = [sys.executable, "-m", "scratchgpt.cli", "train", "--corpus", "pydoc", "--init", str(folder),
+               "--context-length", "32", "--batch-size", "4", "--max-steps", "2", "--eval-every", "2",
+               "--eval-iters", "1", "--sample-tokens", "5", "--warmup", "1", "--lr", "1e-3", "--device", "cpu", "--out-dir", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    state = safe_load(tmp_path / "last.pt")
+    assert state["step"] == 2 and state["train_config"]["context_length"] == 32
+    assert {k: state["config"][k] for k in ("n_layers", "emb_dim", "context_length", "qkv_bias")} == \
+        {"n_layers": 2, "emb_dim": 32, "context_length": 64, "qkv_bias": True}  # GPT-2's shape, not a preset's

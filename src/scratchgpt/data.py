@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import codecs
 import glob
+import itertools
 import json
 import multiprocessing
 import os
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
+import tiktoken
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -69,13 +71,13 @@ class TokenWindows(Dataset):
 class GPTDatasetV1(TokenWindows):
     """The seed's dataset: tokenize `txt` (with `<|endoftext|>` allowed) into overlapping windows."""
 
-    def __init__(self, txt: str, tokenizer, max_length: int, stride: int):
+    def __init__(self, txt: str, tokenizer: tiktoken.Encoding, max_length: int, stride: int):
         super().__init__(tokenizer.encode(txt, allowed_special={ENDOFTEXT}), max_length, stride)
 
 
 def create_dataloader_v1(txt: str, batch_size: int = 4, max_length: int = 256, stride: int = 128,
                          shuffle: bool = True, drop_last: bool = True, num_workers: int = 0,
-                         tokenizer=None) -> DataLoader:
+                         tokenizer: tiktoken.Encoding | None = None) -> DataLoader:
     """The seed's loader over `GPTDatasetV1` (GPT-2 tokenizer unless `tokenizer` is given).
 
     Text shorter than one sample is a `CorpusTooSmall` error here, not an empty loader.
@@ -157,7 +159,6 @@ def iter_text(path: str | os.PathLike, errors: str = "strict", chunk_bytes: int 
     if errors not in ("strict", "replace"):
         raise ValueError(f"errors must be 'strict' or 'replace', got {errors!r}")
     decoder = codecs.getincrementaldecoder("utf-8")("strict")
-    replacing = None
     offset = 0
     with open(path, "rb") as f:
         while True:
@@ -172,12 +173,11 @@ def iter_text(path: str | os.PathLike, errors: str = "strict", chunk_bytes: int 
                     raise ValueError(f"{path}: invalid UTF-8 at byte {where} ({exc.reason}); "
                                      f"fix the file or replace undecodable bytes (--encoding-errors replace)"
                                      ) from None
-                if replacing is None:
-                    warnings.warn(f"{path}: invalid UTF-8 at byte {where}; undecodable bytes replaced by U+FFFD",
-                                  stacklevel=2)
-                replacing = codecs.getincrementaldecoder("utf-8")("replace")
-                replacing.setstate(decoder.getstate())
-                decoder = replacing
+                warnings.warn(f"{path}: invalid UTF-8 at byte {where}; undecodable bytes replaced by U+FFFD",
+                              stacklevel=2)
+                pending_state = decoder.getstate()
+                decoder = codecs.getincrementaldecoder("utf-8")("replace")  # from here on it cannot fail
+                decoder.setstate(pending_state)
                 text = decoder.decode(chunk, final=final)
             offset += len(chunk)
             if text:
@@ -240,8 +240,9 @@ def prepare_token_file(out_path: str | os.PathLike, data: Sequence[str] = (), co
                        piece_chars: int = 1 << 20) -> dict:
     """Tokenize text (files, folders, globs or a built-in corpus) into a uint16 token file.
 
-    Pieces of about `piece_chars` characters are tokenized by `workers` processes
-    and appended in order, so memory stays bounded however large the corpus is.
+    Pieces of about `piece_chars` characters are tokenized by `workers` processes,
+    a few pieces per worker at a time, and appended in order, so memory stays
+    bounded however large the corpus is.
     Writes `out_path` (raw little-endian uint16) and `out_path` + ".json" with the
     metadata; returns that metadata.
     """
@@ -249,21 +250,23 @@ def prepare_token_file(out_path: str | os.PathLike, data: Sequence[str] = (), co
         raise ValueError("give exactly one source of text: a built-in corpus or data files")
     files = [] if corpus else resolve_text_files(data)
     texts = iter([builtin_corpus(corpus)]) if corpus else _document_stream(files, errors)
-    get_tokenizer()  # fail here, once, if there is no vocabulary
+    tokenizer = get_tokenizer()  # fail here, once, if there is no vocabulary
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".part")
     workers = workers or os.cpu_count() or 1
     count = 0
+    pieces = _pieces(texts, piece_chars)
     with open(tmp, "wb") as f, multiprocessing.get_context("spawn").Pool(workers) as pool:
-        for ids in pool.imap(_encode_piece, _pieces(texts, piece_chars), chunksize=1):
-            f.write(ids.astype("<u2").tobytes())
-            count += len(ids)
+        while batch := list(itertools.islice(pieces, 4 * workers)):
+            for ids in pool.map(_encode_piece, batch, chunksize=1):
+                f.write(ids.astype("<u2").tobytes())
+                count += len(ids)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, out_path)
     meta = {"format": "scratchgpt-tokens-v1", "dtype": "uint16", "tokens": count, "tokenizer": "gpt2",
-            "vocab_size": 50257, "sources": [corpus] if corpus else [str(p) for p in files]}
+            "vocab_size": tokenizer.n_vocab, "sources": [corpus] if corpus else [str(p) for p in files]}
     Path(str(out_path) + ".json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
 
@@ -273,7 +276,8 @@ def open_token_file(path: str | os.PathLike) -> np.memmap:
     path = Path(path)
     meta_path = Path(str(path) + ".json")
     if not meta_path.is_file():
-        raise FileNotFoundError(f"{path}: no metadata file {meta_path.name}; make token files with `scratchgpt prepare`")
+        raise FileNotFoundError(f"{path}: no metadata file {meta_path.name}; "
+                                f"make token files with `scratchgpt prepare`")
     meta = json.loads(meta_path.read_text())
     size = path.stat().st_size
     if meta.get("format") != "scratchgpt-tokens-v1" or size != 2 * meta["tokens"]:

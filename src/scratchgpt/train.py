@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tiktoken
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -78,8 +79,8 @@ def evaluate_model(model: nn.Module, train_loader: DataLoader, val_loader: DataL
     return train_loss, val_loss
 
 
-def generate_and_print_sample(model: nn.Module, tokenizer, device: torch.device | str,
-                              start_context: str, max_new_tokens: int = 50) -> None:
+def generate_and_print_sample(model: nn.Module, tokenizer: tiktoken.Encoding,
+                              device: torch.device | str, start_context: str, max_new_tokens: int = 50) -> None:
     """Print the model's greedy continuation of `start_context` on one line, as the seed does."""
     model.eval()
     context_size = unwrap_model(model).pos_emb.weight.shape[0]
@@ -93,7 +94,7 @@ def generate_and_print_sample(model: nn.Module, tokenizer, device: torch.device 
 def train_model_simple(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
                        optimizer: torch.optim.Optimizer, device: torch.device | str, num_epochs: int,
                        eval_freq: int, eval_iter: int, start_context: str,
-                       tokenizer) -> tuple[list[float], list[float], list[int]]:
+                       tokenizer: tiktoken.Encoding) -> tuple[list[float], list[float], list[int]]:
     """The seed's loop: evaluate every `eval_freq` steps, print a sample after each epoch.
 
     Returns (train_losses, val_losses, tokens_seen), one entry per evaluation.
@@ -302,7 +303,7 @@ class Trainer:
     """
 
     def __init__(self, model: nn.Module, train_tokens: np.ndarray, val_tokens: np.ndarray,
-                 config: TrainConfig, tokenizer=None):
+                 config: TrainConfig, tokenizer: tiktoken.Encoding | None = None):
         self.config = config
         self.tokenizer = tokenizer
         self.dist, self.device = init_distributed(config.device)

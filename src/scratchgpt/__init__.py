@@ -2,7 +2,19 @@
 
 from .checkpoint import load_checkpoint, load_model_from_checkpoint, save_checkpoint
 from .config import GPT_CONFIG_124M, GPTConfig, gpt2_config
+from .data import GPTDatasetV1, create_dataloader_v1
+from .evaluate import evaluate_perplexity
 from .generate import generate, generate_stream
+from .gpt2.download import download_gpt2_files
+from .gpt2.hf import load_hf_gpt2, save_hf_gpt2
+from .gpt2.load import (
+    download_and_load_gpt2,
+    load_gpt2,
+    load_gpt2_params_from_tf_ckpt,
+    load_weights_into_gpt,
+    save_gpt2_tf,
+)
+from .gpt2.tf_checkpoint import TFCheckpointReader, write_tf_checkpoint
 from .model import (
     GELU,
     FeedForward,
@@ -14,6 +26,14 @@ from .model import (
     count_parameters,
 )
 from .tokenizer import get_tokenizer, text_to_token_ids, token_ids_to_text
+from .train import (
+    TrainConfig,
+    Trainer,
+    calc_loss_batch,
+    calc_loss_loader,
+    evaluate_model,
+    train_model_simple,
+)
 
 __all__ = [
     "GPT_CONFIG_124M",
@@ -35,4 +55,23 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "load_model_from_checkpoint",
+    "GPTDatasetV1",
+    "create_dataloader_v1",
+    "evaluate_perplexity",
+    "calc_loss_batch",
+    "calc_loss_loader",
+    "evaluate_model",
+    "train_model_simple",
+    "Trainer",
+    "TrainConfig",
+    "download_and_load_gpt2",
+    "download_gpt2_files",
+    "load_gpt2_params_from_tf_ckpt",
+    "load_weights_into_gpt",
+    "load_gpt2",
+    "save_gpt2_tf",
+    "load_hf_gpt2",
+    "save_hf_gpt2",
+    "TFCheckpointReader",
+    "write_tf_checkpoint",
 ]

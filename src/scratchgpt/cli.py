@@ -7,17 +7,28 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import json
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
-from .checkpoint import load_model_from_checkpoint
-from .config import GPT2_SIZES, gpt2_config
+from .checkpoint import load_model_from_checkpoint, safe_load
+from .config import GPT2_SIZES, GPT_CONFIG_124M, gpt2_config
+from .data import BUILTIN_CORPORA, is_token_file, load_corpus, open_token_file, prepare_token_file, split_tokens
 from .devices import resolve_device, resolve_dtype
+from .distributed import shutdown_distributed
+from .evaluate import evaluate_perplexity
 from .generate import generate_stream
-from .model import GPTModel
-from .tokenizer import ENDOFTEXT_ID, get_tokenizer, provision_vocab
+from .gpt2.convert import FORMATS, convert
+from .gpt2.download import download_gpt2_files
+from .gpt2.hf import load_hf_gpt2
+from .gpt2.load import load_gpt2, tokenizer_for_folder
+from .model import GPTModel, count_parameters
+from .tokenizer import ENDOFTEXT, ENDOFTEXT_ID, get_tokenizer, provision_vocab
+from .train import TrainConfig, Trainer
 
 
 # --------------------------------------------------------------------------- model sources
@@ -28,6 +39,14 @@ def add_model_source_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--checkpoint", metavar="PATH", help="a scratchgpt checkpoint (.pt/.pth)")
     group.add_argument("--preset", choices=list(GPT2_SIZES),
                        help="a randomly initialised model of a GPT-2 size (for smoke tests)")
+    group.add_argument("--gpt2", metavar="SIZE_OR_FOLDER",
+                       help=f"OpenAI's GPT-2: a size ({', '.join(GPT2_SIZES)}), downloaded into --models-dir "
+                            "unless already there, or an OpenAI model folder")
+    group.add_argument("--hf", metavar="FOLDER", help="a Hugging Face GPT-2 folder (config.json + model.safetensors)")
+    parser.add_argument("--models-dir", default="gpt2",
+                        help="where --gpt2 SIZE lives or is downloaded (default ./gpt2)")
+    parser.add_argument("--base-url", default=None,
+                        help="where to download GPT-2 from (default $SCRATCHGPT_GPT2_BASE_URL or OpenAI's bucket)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default)")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
                         help="number format of the weights (default fp32)")
@@ -36,8 +55,14 @@ def add_model_source_args(parser: argparse.ArgumentParser) -> None:
 def load_model_from_args(args: argparse.Namespace) -> tuple[GPTModel, object]:
     """The model the arguments name, on its device in eval mode, and its tokenizer."""
     device = resolve_device(args.device)
+    if args.gpt2:
+        model, tokenizer = load_gpt2(args.gpt2, models_dir=args.models_dir, device=device, base_url=args.base_url)
+        return model.to(resolve_dtype(args.dtype)), tokenizer
     if args.checkpoint:
         model = load_model_from_checkpoint(args.checkpoint, device)
+    elif args.hf:
+        model = load_hf_gpt2(args.hf, device)
+        return model.to(resolve_dtype(args.dtype)), tokenizer_for_folder(args.hf)
     else:
         torch.manual_seed(0)
         model = GPTModel(gpt2_config(args.preset)).to(device).eval()
@@ -96,11 +121,236 @@ def cmd_vocab(args: argparse.Namespace) -> None:
     print(provision_vocab(args.dest))
 
 
+# --------------------------------------------------------------------------- train, prepare
+
+def add_text_source_args(parser: argparse.ArgumentParser) -> None:
+    """Where the text comes from: a built-in corpus, or files, folders and globs."""
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--corpus", choices=list(BUILTIN_CORPORA),
+                       help="a corpus every Python ships (pydoc: the Python reference topics, ~465 KB)")
+    group.add_argument("--data", nargs="+", metavar="PATH",
+                       help="UTF-8 text files, folders or globs (documents joined by <|endoftext|>); "
+                            "for train also one token file made by `scratchgpt prepare`")
+    parser.add_argument("--encoding-errors", choices=["strict", "replace"], default="strict",
+                        help="undecodable bytes: stop with an error naming file and offset (default), "
+                             "or replace them with U+FFFD and warn")
+
+
+def add_train_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a GPT on your text (or fine-tune GPT-2)",
+                       description="Pre-train a GPT from scratch or fine-tune GPT-2 on text. Writes last.pt, "
+                                   "best.pt, model.pth, metrics.jsonl and loss.png to --out-dir. Runs "
+                                   "unchanged under `torchrun --nproc_per_node N` (DistributedDataParallel).")
+    add_text_source_args(p)
+    p.add_argument("--val-fraction", type=float, default=0.1, help="last part of the tokens kept for validation")
+    model = p.add_argument_group("model (from scratch: a preset or JSON config, changed by the flags below)")
+    model.add_argument("--preset", choices=list(GPT2_SIZES), default=None,
+                       help="a GPT-2 shape (default: the seed's GPT_CONFIG_124M)")
+    model.add_argument("--config", metavar="JSON", help="a seed-style config dict in a JSON file")
+    model.add_argument("--n-layers", type=int)
+    model.add_argument("--emb-dim", type=int)
+    model.add_argument("--n-heads", type=int)
+    model.add_argument("--context-length", type=int,
+                       help="tokens per training window (and the model's context length from scratch)")
+    model.add_argument("--drop-rate", type=float)
+    model.add_argument("--init", metavar="gpt2:SIZE|FOLDER",
+                       help="fine-tune OpenAI's GPT-2: a size (gpt2:124M) or a folder with its checkpoint")
+    model.add_argument("--models-dir", help="where GPT-2 downloads are kept (for --init gpt2:SIZE)")
+    run = p.add_argument_group("run")
+    run.add_argument("--out-dir", default="runs/train", help="folder for checkpoints, metrics and plot")
+    run.add_argument("--resume", action="store_true", help="continue exactly from --out-dir/last.pt")
+    run.add_argument("--max-steps", type=int, default=1000, help="optimizer steps (the schedule spans them)")
+    run.add_argument("--max-minutes", type=float, help="stop earlier, with a checkpoint, after this long")
+    run.add_argument("--batch-size", type=int, default=8, help="sequences per process per micro-step")
+    run.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
+    run.add_argument("--lr", type=float, default=4e-4, help="peak learning rate")
+    run.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to lr times this")
+    run.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
+    run.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decay of 2-D weights")
+    run.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
+    run.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                     help="mixed precision (auto: bf16 or fp16 on CUDA, fp32 elsewhere)")
+    run.add_argument("--compile", action="store_true", help="torch.compile the model")
+    run.add_argument("--eval-every", type=int, default=100, help="evaluate, sample and checkpoint every N steps")
+    run.add_argument("--eval-iters", type=int, default=10, help="batches per split per evaluation")
+    run.add_argument("--sample-prompt", default="Every effort moves you", help="prompt of the samples")
+    run.add_argument("--sample-tokens", type=int, default=40, help="tokens per sample")
+    run.add_argument("--seed", type=int, default=123)
+    run.add_argument("--deterministic", action="store_true", help="bitwise reproducible (slower on GPU)")
+    run.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default)")
+    p.set_defaults(func=cmd_train)
+
+
+def _train_model(args: argparse.Namespace, vocab_size: int) -> tuple[GPTModel, object | None]:
+    """The model `train` starts from (and GPT-2's tokenizer when --init loads one)."""
+    overrides = {key: value for key, value in (
+        ("n_layers", args.n_layers), ("emb_dim", args.emb_dim), ("n_heads", args.n_heads),
+        ("drop_rate", args.drop_rate)) if value is not None}
+    last = Path(args.out_dir) / "last.pt"
+    if args.resume and last.is_file():  # the checkpoint's shape; its weights are loaded by the Trainer
+        cfg = {**safe_load(last)["config"], **overrides}
+        return GPTModel(cfg), None
+    if args.init:
+        from .gpt2.load import load_gpt2
+
+        source = args.init.removeprefix("gpt2:")
+        kwargs = {"models_dir": args.models_dir} if args.models_dir else {}
+        return load_gpt2(source, device="cpu", **kwargs)
+    if args.config:
+        cfg = json.loads(Path(args.config).read_text())
+    elif args.preset:
+        cfg = gpt2_config(args.preset)
+    else:
+        cfg = dict(GPT_CONFIG_124M)
+    cfg.update(overrides, vocab_size=vocab_size)
+    if args.context_length:
+        cfg["context_length"] = args.context_length
+    torch.manual_seed(args.seed)
+    return GPTModel(cfg), None
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    tokenizer = get_tokenizer()
+    token_files = [path for path in args.data or () if is_token_file(path)]
+    if token_files and len(args.data) > 1:
+        raise ValueError("--data takes either one token file (from `scratchgpt prepare`) or text files")
+    if token_files:
+        tokens = open_token_file(token_files[0])
+    else:
+        text = load_corpus(args.data or (), args.corpus, args.encoding_errors)
+        tokens = np.asarray(tokenizer.encode(text, allowed_special={ENDOFTEXT}), dtype=np.uint16)
+    train_tokens, val_tokens = split_tokens(tokens, args.val_fraction)
+    model, gpt2_tokenizer = _train_model(args, tokenizer.n_vocab)
+    if model.cfg.vocab_size < tokenizer.n_vocab:
+        raise ValueError(f"the model's vocab_size {model.cfg.vocab_size} is smaller than the GPT-2 tokenizer's "
+                         f"{tokenizer.n_vocab}: its token ids would not fit")
+    config = TrainConfig(
+        out_dir=args.out_dir, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        context_length=args.context_length, max_steps=args.max_steps, max_minutes=args.max_minutes,
+        lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup=args.warmup, weight_decay=args.weight_decay,
+        grad_clip=args.grad_clip, dtype=args.dtype, compile=args.compile, eval_every=args.eval_every,
+        eval_iters=args.eval_iters, sample_prompt=args.sample_prompt, sample_tokens=args.sample_tokens,
+        seed=args.seed, deterministic=args.deterministic, device=args.device, resume=args.resume)
+    trainer = Trainer(model, train_tokens, val_tokens, config, tokenizer=gpt2_tokenizer or tokenizer)
+    if trainer.dist.is_main:
+        counts = count_parameters(trainer.raw_model)
+        print(f"{counts['untied']:,} parameters | {len(train_tokens):,} train and {len(val_tokens):,} val tokens"
+              f" | {trainer.global_batch} x {trainer.window} tokens per step | device {trainer.device}")
+    try:
+        result = trainer.train()
+    finally:
+        shutdown_distributed()
+    if result.interrupted:
+        raise KeyboardInterrupt
+    if trainer.dist.is_main:
+        print(f"done: step {result.step}, {result.tokens_seen:,} tokens; best val loss "
+              f"{result.best_val_loss:.3f}; wrote {args.out_dir}/ (last.pt, best.pt, model.pth, loss.png)")
+
+
+def add_prepare_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("prepare", help="tokenize a large corpus into a token file for train",
+                       description="Tokenize text with GPT-2's BPE in parallel into a memory-mapped uint16 "
+                                   "token file (plus FILE.json metadata) that `train --data FILE` streams "
+                                   "from disk.")
+    add_text_source_args(p)
+    p.add_argument("--out", required=True, metavar="FILE", help="the token file to write (e.g. data/tokens.bin)")
+    p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: one per core)")
+    p.set_defaults(func=cmd_prepare)
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    meta = prepare_token_file(args.out, args.data or (), args.corpus, args.encoding_errors, args.workers)
+    print(f"wrote {meta['tokens']:,} tokens to {args.out} (metadata in {args.out}.json)")
+
+
 # --------------------------------------------------------------------------- main
+
+# --------------------------------------------------------------------------- download / convert
+
+def add_download_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("download", help="fetch OpenAI's GPT-2 weights (resumable, verified sizes)",
+                       description="Fetch OpenAI's seven GPT-2 files into MODELS_DIR/SIZE. Interrupted downloads "
+                                   "resume; files already complete are not fetched again.")
+    p.add_argument("size", choices=list(GPT2_SIZES), help="which GPT-2")
+    p.add_argument("--models-dir", default="gpt2", help="parent folder of the model folder (default ./gpt2)")
+    p.add_argument("--base-url", default=None,
+                   help="server holding <base>/<size>/<file> (default $SCRATCHGPT_GPT2_BASE_URL or OpenAI's bucket)")
+    p.add_argument("--retries", type=int, default=5, help="retries per file on connection errors and 5xx")
+    p.set_defaults(func=cmd_download)
+
+
+def cmd_download(args: argparse.Namespace) -> None:
+    print(download_gpt2_files(args.size, args.models_dir, base_url=args.base_url, retries=args.retries))
+
+
+def add_convert_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert", help="convert a model between OpenAI, Hugging Face and checkpoint formats",
+                       description="Convert a GPT-2 between an OpenAI folder (TensorFlow checkpoint, no TensorFlow "
+                                   "needed), a Hugging Face folder (safetensors) and a scratchgpt checkpoint file.")
+    p.add_argument("src", help="the model to convert (folder or checkpoint file)")
+    p.add_argument("dst", help="where to write the converted model")
+    p.add_argument("--from", dest="src_format", choices=FORMATS, default=None,
+                   help="format of SRC (default: detected from its files)")
+    p.add_argument("--to", dest="dst_format", choices=FORMATS, required=True, help="format to write")
+    p.set_defaults(func=cmd_convert)
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    print(convert(args.src, args.dst, args.dst_format, args.src_format))
+
+
+# --------------------------------------------------------------------------- eval
+
+def add_eval_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="perplexity and bits per byte of a model on a text",
+                       description="Score every token of a text after the first, exactly once, with a sliding "
+                                   "window: windows of --context-size tokens start --stride tokens apart and each "
+                                   "token is scored in the first window that gives it the most left context. "
+                                   "Prints the mean loss (nats/token), perplexity, bits per byte, perplexity per "
+                                   "word (the GPT-2 paper's unit) and the number of tokens scored.")
+    add_model_source_args(p)
+    add_text_source_args(p)
+    p.add_argument("--context-size", type=int, default=None,
+                   help="tokens per window (default: the model's context length)")
+    p.add_argument("--stride", type=int, default=None,
+                   help="tokens between window starts, 1..context size (default: half the context size); "
+                        "smaller is slower and gives each token more context")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+    p.add_argument("--autocast", choices=["bf16", "fp16"], default=None,
+                   help="run the model under autocast in this format (the weights keep --dtype)")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    text = load_corpus(args.data or (), args.corpus, args.encoding_errors)
+    model, tokenizer = load_model_from_args(args)
+    token_ids = tokenizer.encode(text, allowed_special={ENDOFTEXT})
+    # <|endoftext|> joins documents as one special token: it is not text, so it counts as no bytes or words.
+    num_bytes = len(text.encode("utf-8")) - text.count(ENDOFTEXT) * len(ENDOFTEXT.encode("utf-8"))
+    num_words = len(text.replace(ENDOFTEXT, " ").split())
+    result = evaluate_perplexity(model, token_ids, args.context_size, args.stride, args.batch_size,
+                                 num_bytes=max(num_bytes, 1), num_words=max(num_words, 1), dtype=args.autocast)
+    if args.json:
+        print(json.dumps(result))
+        return
+    windows = f"{result['windows']:,} window" + ("s" if result["windows"] > 1 else "")
+    print(f"tokens scored        {result['tokens']:,} (context {result['context_size']}, stride {result['stride']}: "
+          f"{windows})")
+    print(f"loss                 {result['loss']:.4f} nats/token")
+    print(f"perplexity           {result['perplexity']:.2f}")
+    print(f"bits per byte        {result['bits_per_byte']:.4f} ({result['bytes']:,} bytes)")
+    print(f"perplexity per word  {result['word_perplexity']:.2f} ({result['words']:,} whitespace-separated words)")
+
 
 PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_generate_parser,
     add_vocab_parser,
+    add_train_parser,
+    add_prepare_parser,
+    add_download_parser,
+    add_convert_parser,
+    add_eval_parser,
 ]
 
 

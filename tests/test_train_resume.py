@@ -13,10 +13,12 @@ import pytest
 
 from conftest import shared_path
 from scratchgpt.checkpoint import safe_load
+from scratchgpt.cli import main
 
 TINY = ["--corpus", "pydoc", "--n-layers", "2", "--emb-dim", "32", "--n-heads", "2", "--context-length", "32",
         "--drop-rate", "0.1", "--batch-size", "4", "--lr", "2e-3", "--warmup", "5", "--eval-iters", "2",
         "--sample-tokens", "5", "--device", "cpu", "--deterministic"]
+IN_PROCESS = [arg for arg in TINY[2:] if arg != "--deterministic"]  # no corpus; leave pytest's torch as is
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
 
 
@@ -72,22 +74,28 @@ def test_sigint_saves_a_checkpoint_and_exits(tmp_path, tokenizer):
     assert state["step"] >= 5 and "optimizer_state_dict" in state and "rng_states" in state
 
 
-def test_errors_are_one_line(tmp_path, tokenizer):
+def test_errors_are_one_line(tmp_path, tokenizer, capsys):
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"fine text \xc3\x28 broken")
     cases = {
         ("--data", str(bad)): f"{bad}: invalid UTF-8 at byte 10",
-        ("--val-fraction", "0.0002"): "corpus too small: tokens per split: train ",
-        ("--resume",): "cannot resume: ",
+        ("--corpus", "pydoc", "--val-fraction", "0.0002"): "corpus too small: tokens per split: train ",
+        ("--corpus", "pydoc", "--resume"): "cannot resume: ",
     }
     for args, message in cases.items():
-        command = train_command(tmp_path / "out", *args)
-        if args[0] == "--data":
-            command[command.index("--corpus"):command.index("--corpus") + 2] = []
-        result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=120)
-        assert result.returncode == 1
-        last_line = result.stderr.strip().splitlines()[-1]
-        assert last_line.startswith(f"scratchgpt train: error: {message}"), result.stderr
+        assert main(["train", *args, *IN_PROCESS, "--out-dir", str(tmp_path / "out")]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"scratchgpt train: error: {message}") and err.count("\n") == 1, err
+
+
+def test_prepare_then_train_from_the_token_file(tmp_path, tokenizer, capsys):
+    tokens = tmp_path / "pydoc.bin"
+    assert main(["prepare", "--corpus", "pydoc", "--out", str(tokens), "--workers", "2"]) == 0
+    assert capsys.readouterr().out.startswith("wrote 139,015 tokens to ")
+    assert main(["train", "--data", str(tokens), *IN_PROCESS, "--max-steps", "2", "--eval-every", "2",
+                 "--out-dir", str(tmp_path / "run")]) == 0
+    assert "125,114 train and 13,901 val tokens" in capsys.readouterr().out  # the same split as from text
+    assert safe_load(tmp_path / "run" / "last.pt")["step"] == 2
 
 
 @pytest.mark.slow  # about 20-30 s: four Python processes start torch

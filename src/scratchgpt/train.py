@@ -392,12 +392,16 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean loss per token on the first `eval_iters` batches of each split, shared among processes."""
+        """Mean loss per token over `eval_iters` batches of windows spread evenly across each split.
+
+        The same windows every time (so that evaluations compare), shared among the processes.
+        """
         self.raw_model.eval()
         losses = {}
         for name, windows in self.eval_sets.items():
             count = min(len(windows), self.config.eval_iters * self.micro_batches)
-            mine = list(range(self.dist.rank, count, self.dist.world_size))
+            picks = np.linspace(0, len(windows) - 1, count).round().astype(int).tolist()
+            mine = picks[self.dist.rank::self.dist.world_size]
             total = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sum, tokens
             for i in range(0, len(mine), self.config.batch_size):
                 batch = [windows[j] for j in mine[i:i + self.config.batch_size]]

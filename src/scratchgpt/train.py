@@ -197,19 +197,16 @@ class WindowSampler:
 
     def __init__(self, tokens: np.ndarray, window: int, seed: int):
         self.tokens, self.window, self.seed = tokens, window, seed
-        self._plan: tuple[int, int, torch.Tensor] | None = None
+        self.windows_per_epoch = (len(tokens) - 1) // window
+        self._slack = len(tokens) - 1 - self.windows_per_epoch * window  # tokens an epoch's windows skip
+        self._plan: tuple[int, int, torch.Tensor] | None = None  # epoch, first token, window order
 
     def _epoch_plan(self, epoch: int) -> tuple[int, torch.Tensor]:
         if self._plan is None or self._plan[0] != epoch:
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            count = (len(self.tokens) - 1) // self.window
-            slack = len(self.tokens) - 1 - count * self.window  # tokens no window of this epoch uses
-            start = int(torch.randint(slack + 1, (1,), generator=gen))
-            self._plan = (epoch, start, torch.randperm(count, generator=gen))
+            start = int(torch.randint(self._slack + 1, (1,), generator=gen))
+            self._plan = (epoch, start, torch.randperm(self.windows_per_epoch, generator=gen))
         return self._plan[1], self._plan[2]
-
-    def windows_in_epoch(self, epoch: int) -> int:
-        return len(self._epoch_plan(epoch)[1])
 
     def batch(self, epoch: int, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and targets [count, window] of windows first..first+count of `epoch`'s order."""
@@ -358,7 +355,7 @@ class Trainer:
     def _train_step(self) -> float:
         """One optimizer step over the global batch; returns its mean loss over all processes."""
         cfg, rank = self.config, self.dist.rank
-        if self.offset + self.global_batch > self.sampler.windows_in_epoch(self.epoch):
+        if self.offset + self.global_batch > self.sampler.windows_per_epoch:
             self.epoch, self.offset = self.epoch + 1, 0
         self.model.train()
         total = torch.zeros((), device=self.device)

@@ -198,6 +198,16 @@ class GPTModel(nn.Module):
         for block in self.trf_blocks:
             nn.init.normal_(block.att.out_proj.weight, mean=0.0, std=residual_std)
             nn.init.normal_(block.ff.layers[2].weight, mean=0.0, std=residual_std)
+        # Store each Linear weight transposed in memory: shape [out, in] as usual (same
+        # state_dict, same values), but laid out as [in, out] like GPT-2's Conv1D.
+        # Decoding one token multiplies a vector by every weight, and BLAS streams
+        # x @ W^T about 1.25x faster from this layout on CPU (benchmarks/README.md);
+        # batched matmuls do not mind. load_state_dict and copy_ keep the layout;
+        # assigning a new Parameter does not, which is only slower. A tied head
+        # stays the embedding table.
+        for module in self.modules():
+            if isinstance(module, nn.Linear) and module.weight is not self.tok_emb.weight:
+                module.weight = nn.Parameter(module.weight.detach().t().contiguous().t())
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:

@@ -61,7 +61,7 @@ def test_sigkill_and_resume_gives_bitwise_the_same_losses(tmp_path, tokenizer):
     assert "resumed from" in resumed.stdout and "at step 12" in resumed.stdout
 
     straight, killed = metrics(tmp_path / "straight"), metrics(tmp_path / "killed")
-    assert len(straight) == 24 + 2 and straight == killed  # every loss, bitwise (JSON keeps all digits)
+    assert len(straight) == 24 + 3 and straight == killed  # every loss, bitwise (JSON keeps all digits)
 
 
 def test_sigint_saves_a_checkpoint_and_exits(tmp_path, tokenizer):
@@ -109,7 +109,7 @@ def test_two_gloo_processes_match_one_with_the_same_global_batch(tmp_path, token
     assert result.returncode == 0, result.stderr[-3000:]
     assert safe_load(tmp_path / "two" / "last.pt")["world_size"] == 2
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
-    assert len(one) == len(two) == 6 + 2
+    assert len(one) == len(two) == 6 + 3
     for a, b in zip(one, two):
         assert a.keys() == b.keys() and a["step"] == b["step"] and a["tokens"] == b["tokens"]
         for key in ("loss", "train_loss", "val_loss"):

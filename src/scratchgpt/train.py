@@ -463,21 +463,20 @@ class Trainer:
             with open(self.out_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    def _evaluate_and_save(self, bar: tqdm) -> dict[str, float]:
+    def _evaluate(self, bar: tqdm, save: bool) -> dict[str, float]:
+        """Evaluate and log; with `save`, checkpoint; then plot, print and sample (rank 0).
+
+        The printed line comes last, so once it shows, the checkpoint is on disk.
+        """
         losses = self.evaluate()
         self.history["tokens"].append(self.tokens_seen)
         self.history["train"].append(losses["train"])
         self.history["val"].append(losses["val"])
         self._log({"step": self.step, "tokens": self.tokens_seen,
                    "train_loss": losses["train"], "val_loss": losses["val"]})
-        improved = self.best_val_loss is None or losses["val"] < self.best_val_loss
-        if improved:
-            self.best_val_loss = losses["val"]
-        self.save(self.out_dir / "last.pt")
+        if save:
+            self._save_last_and_best(losses["val"])
         if self.dist.is_main:
-            if improved:
-                save_checkpoint(self.out_dir / "best.pt", self.raw_model, step=self.step,
-                                val_loss=losses["val"], tokens_seen=self.tokens_seen)
             plot_losses(self.history["tokens"], self.history["train"], self.history["val"],
                         self.out_dir / "loss.png")
             bar.write(f"step {self.step:>6}/{self.config.max_steps} | train loss {losses['train']:.3f}"
@@ -485,6 +484,15 @@ class Trainer:
             if self.tokenizer is not None:
                 bar.write(f"  sample: {self.sample()!r}")
         return losses
+
+    def _save_last_and_best(self, val_loss: float) -> None:
+        improved = self.best_val_loss is None or val_loss < self.best_val_loss
+        if improved:
+            self.best_val_loss = val_loss
+        self.save(self.out_dir / "last.pt")
+        if improved and self.dist.is_main:
+            save_checkpoint(self.out_dir / "best.pt", self.raw_model, step=self.step,
+                            val_loss=val_loss, tokens_seen=self.tokens_seen)
 
     # ----------------------------------------------------------------- the loop
 
@@ -498,6 +506,8 @@ class Trainer:
                    dynamic_ncols=True, unit="step")
         interrupted = False
         with _StopSignals() as signals, bar:
+            if self.step == 0:  # where the curves start: about ln(vocab_size) for a fresh model
+                last_eval = self._evaluate(bar, save=False)
             while self.step < cfg.max_steps:
                 step_start = time.monotonic()
                 lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
@@ -515,7 +525,7 @@ class Trainer:
                     self.save(self.out_dir / "last.pt")
                     break
                 if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps or out_of_time:
-                    last_eval = self._evaluate_and_save(bar)
+                    last_eval = self._evaluate(bar, save=True)
                 if out_of_time:
                     break
         if interrupted and self.dist.is_main:

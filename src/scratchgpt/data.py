@@ -18,6 +18,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import random
 import re
 import warnings
 from pathlib import Path
@@ -120,12 +121,18 @@ def split_tokens(tokens: np.ndarray, val_fraction: float) -> tuple[np.ndarray, n
 # --------------------------------------------------------------------------- reading text
 
 def builtin_corpus(name: str) -> str:
-    """The text of a corpus that ships with CPython (`pydoc`: the Python reference topics)."""
+    """The text of a corpus that ships with CPython (`pydoc`: the Python reference topics).
+
+    Topics come in a fixed shuffled order, so that the validation split (the end of
+    the text) is a sample of all kinds of topics, not the last ones alphabetically.
+    """
     if name != "pydoc":
         raise ValueError(f"unknown built-in corpus {name!r}; choose one of {list(BUILTIN_CORPORA)}")
     from pydoc_data.topics import topics
 
-    return "\n\n".join(topics[key] for key in sorted(topics))
+    keys = sorted(topics)
+    random.Random(0).shuffle(keys)
+    return "\n\n".join(topics[key] for key in keys)
 
 
 def resolve_text_files(specs: Iterable[str]) -> list[Path]:

@@ -35,7 +35,7 @@ def tiny_run(tmp_path, **overrides) -> TrainConfig:
 
 
 def test_seed_loop_prints_its_lines_and_returns_its_lists(tokenizer, capsys):
-    text = builtin_corpus("pydoc")[:12000]
+    text = builtin_corpus("pydoc")[:6000]
     cut = int(0.9 * len(text))
     train_loader = create_dataloader_v1(text[:cut], batch_size=2, max_length=32, stride=32, tokenizer=tokenizer)
     val_loader = create_dataloader_v1(text[cut:], batch_size=2, max_length=32, stride=32, shuffle=False,

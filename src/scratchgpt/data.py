@@ -7,7 +7,8 @@ Two ways from text to batches:
   and tokenizes them, or `prepare_token_file` tokenizes large corpora in parallel into
   a memory-mapped uint16 file once, so that training streams windows from disk.
   Either way the tokens are split with `split_tokens` (first part train, last part
-  validation) and served as `TokenWindows`.
+  validation) and read in windows of the context length (`TokenWindows` here, the
+  trainer's shuffled `WindowSampler` for training).
 """
 
 from __future__ import annotations

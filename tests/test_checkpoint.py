@@ -125,6 +125,9 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
     proc.wait()
     state = safe_load(path)
     assert state["step"] == 1 and torch.equal(state["model_state_dict"]["w"], torch.arange(4.0))
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # the killed write's leftover
+    atomic_save({"step": 2}, path)
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # the next save clears it away
 
 
 def test_missing_checkpoint_is_one_line(tmp_path):

@@ -55,7 +55,7 @@ def main() -> None:
     torch.manual_seed(0)
     cfg = gpt2_config(args.size)
     model = GPTModel(cfg).eval()
-    hf = hf_model_from_gpt(model).eval()
+    hf = hf_model_from_gpt(model, attn_implementation="sdpa")
     hf.generation_config.eos_token_id = None  # random weights: never stop early
     hf.generation_config.pad_token_id = 0
     seed = seed_model_from_gpt(model).eval()

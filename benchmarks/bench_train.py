@@ -55,7 +55,7 @@ def build(name: str, cfg: dict):
         def loss_of(x, y):
             return calc_loss_batch(x, y, model, "cpu")
     else:
-        model = hf_model_from_gpt(ours) if name == "hf" else seed_model_from_gpt(ours)
+        model = hf_model_from_gpt(ours, attn_implementation="sdpa") if name == "hf" else seed_model_from_gpt(ours)
         del ours
         opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD)
         if name == "hf":

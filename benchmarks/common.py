@@ -17,9 +17,11 @@ from typing import Callable
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # seed_reference, when run as a script
+# The independent references the tests use: the seed-style model and the hand-written HF mapping.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import seed_reference  # noqa: E402
+from hf_reference import hf_model_from_gpt  # noqa: E402,F401  (re-exported for the benchmarks)
 
 
 def setup_threads(threads: int) -> None:
@@ -92,49 +94,3 @@ def seed_model_from_gpt(model) -> seed_reference.GPTModel:
     seed = seed_reference.GPTModel(cfg)
     seed.load_state_dict(model.state_dict())
     return seed
-
-
-def hf_model_from_gpt(model, attn_implementation: str = "sdpa"):
-    """transformers.GPT2LMHeadModel computing what `model` computes (its default SDPA attention).
-
-    HF's Conv1D keeps weights as [in, out]; its c_attn is query, key and value
-    side by side. A model without qkv biases gets HF's biases set to zero.
-    """
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    cfg = model.cfg
-    hf_cfg = GPT2Config(
-        vocab_size=cfg.vocab_size, n_positions=cfg.context_length, n_embd=cfg.emb_dim,
-        n_layer=cfg.n_layers, n_head=cfg.n_heads, resid_pdrop=cfg.drop_rate,
-        embd_pdrop=cfg.drop_rate, attn_pdrop=cfg.drop_rate, layer_norm_epsilon=1e-5,
-        activation_function="gelu_new", tie_word_embeddings=cfg.tie_weights,
-        bos_token_id=cfg.vocab_size - 1, eos_token_id=cfg.vocab_size - 1,
-        attn_implementation=attn_implementation,
-    )
-    hf = GPT2LMHeadModel(hf_cfg)
-    sd = {"transformer.wte.weight": model.tok_emb.weight,
-          "transformer.wpe.weight": model.pos_emb.weight,
-          "transformer.ln_f.weight": model.final_norm.scale,
-          "transformer.ln_f.bias": model.final_norm.shift,
-          "lm_head.weight": model.out_head.weight}
-    for i, block in enumerate(model.trf_blocks):
-        p, att = f"transformer.h.{i}.", block.att
-        sd[p + "attn.c_attn.weight"] = torch.cat([att.W_query.weight, att.W_key.weight,
-                                                  att.W_value.weight]).T
-        if att.W_query.bias is not None:
-            sd[p + "attn.c_attn.bias"] = torch.cat([att.W_query.bias, att.W_key.bias, att.W_value.bias])
-        else:
-            sd[p + "attn.c_attn.bias"] = torch.zeros(3 * cfg.emb_dim)
-        sd[p + "attn.c_proj.weight"] = att.out_proj.weight.T
-        sd[p + "attn.c_proj.bias"] = att.out_proj.bias
-        sd[p + "ln_1.weight"], sd[p + "ln_1.bias"] = block.norm1.scale, block.norm1.shift
-        sd[p + "ln_2.weight"], sd[p + "ln_2.bias"] = block.norm2.scale, block.norm2.shift
-        sd[p + "mlp.c_fc.weight"] = block.ff.layers[0].weight.T
-        sd[p + "mlp.c_fc.bias"] = block.ff.layers[0].bias
-        sd[p + "mlp.c_proj.weight"] = block.ff.layers[2].weight.T
-        sd[p + "mlp.c_proj.bias"] = block.ff.layers[2].bias
-    sd = {k: v.detach().clone().contiguous() for k, v in sd.items()}
-    missing, unexpected = hf.load_state_dict(sd, strict=False)
-    assert not unexpected, unexpected
-    assert not [k for k in missing if k.endswith(("weight", "bias")) and "attn.bias" not in k], missing
-    return hf

@@ -14,20 +14,19 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from scratchgpt import GPTModel
 
 
-def hf_model_from_gpt(model: GPTModel) -> GPT2LMHeadModel:
-    """A GPT2LMHeadModel (eager attention, no dropout) computing what `model` computes."""
+def hf_model_from_gpt(model: GPTModel, attn_implementation: str = "eager") -> GPT2LMHeadModel:
+    """A GPT2LMHeadModel computing what `model` computes (eager attention by default: the
+    textbook formula; the benchmarks ask for "sdpa", HF's fast default). A model without
+    query/key/value biases gets HF's biases set to zero."""
     cfg = model.cfg
-    if not cfg.qkv_bias:
-        raise ValueError("HF GPT-2 always has query/key/value biases: build the model with qkv_bias=True")
     hf_cfg = GPT2Config(
         vocab_size=cfg.vocab_size, n_positions=cfg.context_length, n_embd=cfg.emb_dim,
-        n_layer=cfg.n_layers, n_head=cfg.n_heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        layer_norm_epsilon=1e-5, activation_function="gelu_new", tie_word_embeddings=False,
-        bos_token_id=cfg.vocab_size - 1, eos_token_id=cfg.vocab_size - 1,
+        n_layer=cfg.n_layers, n_head=cfg.n_heads, resid_pdrop=cfg.drop_rate, embd_pdrop=cfg.drop_rate,
+        attn_pdrop=cfg.drop_rate, layer_norm_epsilon=1e-5, activation_function="gelu_new",
+        tie_word_embeddings=cfg.tie_weights, bos_token_id=cfg.vocab_size - 1, eos_token_id=cfg.vocab_size - 1,
     )
-    hf_cfg._attn_implementation = "eager"
+    hf_cfg._attn_implementation = attn_implementation
     hf = GPT2LMHeadModel(hf_cfg)
-    hf.config.tie_word_embeddings = False
     sd = {"transformer.wte.weight": model.tok_emb.weight,
           "transformer.wpe.weight": model.pos_emb.weight,
           "transformer.ln_f.weight": model.final_norm.scale,
@@ -37,7 +36,8 @@ def hf_model_from_gpt(model: GPTModel) -> GPT2LMHeadModel:
         p = f"transformer.h.{i}."
         att = block.att
         sd[p + "attn.c_attn.weight"] = torch.cat([att.W_query.weight, att.W_key.weight, att.W_value.weight]).T
-        sd[p + "attn.c_attn.bias"] = torch.cat([att.W_query.bias, att.W_key.bias, att.W_value.bias])
+        sd[p + "attn.c_attn.bias"] = (torch.cat([att.W_query.bias, att.W_key.bias, att.W_value.bias])
+                                      if cfg.qkv_bias else torch.zeros(3 * cfg.emb_dim))
         sd[p + "attn.c_proj.weight"] = att.out_proj.weight.T
         sd[p + "attn.c_proj.bias"] = att.out_proj.bias
         sd[p + "ln_1.weight"], sd[p + "ln_1.bias"] = block.norm1.scale, block.norm1.shift

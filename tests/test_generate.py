@@ -5,29 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+import seed_reference
 from helpers import sharp_model
 from hf_reference import hf_model_from_gpt
 from scratchgpt import generate, generate_stream
 from scratchgpt.generate import filter_top_k, filter_top_p
 
 
-def seed_generate(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=None, eos_id=None):
-    """The seed walkthrough's loop: re-run the last context_size tokens at every step."""
-    for _ in range(max_new_tokens):
-        idx_cond = idx[:, -context_size:]
-        with torch.no_grad():
-            logits = model(idx_cond)[:, -1, :]
-        if top_k is not None:
-            top_logits, _ = torch.topk(logits, top_k)
-            logits = torch.where(logits < top_logits[:, -1], torch.tensor(float("-inf")), logits)
-        if temperature > 0.0:
-            idx_next = torch.multinomial(torch.softmax(logits / temperature, dim=-1), num_samples=1)
-        else:
-            idx_next = torch.argmax(logits, dim=-1, keepdim=True)
-        if idx_next == eos_id:
-            break
-        idx = torch.cat((idx, idx_next), dim=1)
-    return idx
+seed_generate = seed_reference.generate  # the walkthrough's loop: re-runs the last context_size tokens
 
 
 def prompt(batch=1, length=6, seed=0):

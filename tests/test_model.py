@@ -1,5 +1,5 @@
 """GPTModel against independent references: Hugging Face GPT-2, an explicit attention,
-and a seed-style implementation written from the seed's description."""
+and the seed-style implementation in seed_reference.py (the walkthrough's code)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
+import seed_reference
 from helpers import sharp_model, tiny_config
 from hf_reference import hf_model_from_gpt
 from scratchgpt import (GPT_CONFIG_124M, GPTConfig, GPTModel, MultiHeadAttention, count_parameters,
@@ -64,101 +64,18 @@ def test_cached_forward_equals_full_forward():
 
 # --------------------------------------------------------------------------- seed-style model
 
-class SeedLayerNorm(nn.Module):
-    def __init__(self, emb_dim):
-        super().__init__()
-        self.eps = 1e-5
-        self.scale = nn.Parameter(torch.ones(emb_dim))
-        self.shift = nn.Parameter(torch.zeros(emb_dim))
-
-    def forward(self, x):
-        mean = x.mean(dim=-1, keepdim=True)
-        var = x.var(dim=-1, keepdim=True, unbiased=False)
-        return self.scale * (x - mean) / torch.sqrt(var + self.eps) + self.shift
-
-
-class SeedGELU(nn.Module):
-    def forward(self, x):
-        return 0.5 * x * (1 + torch.tanh(torch.sqrt(torch.tensor(2.0 / torch.pi)) * (x + 0.044715 * x ** 3)))
-
-
-class SeedFeedForward(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.layers = nn.Sequential(nn.Linear(cfg["emb_dim"], 4 * cfg["emb_dim"]), SeedGELU(),
-                                    nn.Linear(4 * cfg["emb_dim"], cfg["emb_dim"]))
-
-    def forward(self, x):
-        return self.layers(x)
-
-
-class SeedMultiHeadAttention(nn.Module):
-    def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False):
-        super().__init__()
-        self.d_out, self.num_heads, self.head_dim = d_out, num_heads, d_out // num_heads
-        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.out_proj = nn.Linear(d_out, d_out)
-        self.dropout = nn.Dropout(dropout)
-        self.register_buffer("mask", torch.triu(torch.ones(context_length, context_length), diagonal=1))
-
-    def forward(self, x):
-        b, num_tokens, _ = x.shape
-        keys = self.W_key(x).view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
-        queries = self.W_query(x).view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
-        values = self.W_value(x).view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
-        attn_scores = queries @ keys.transpose(2, 3)
-        mask_bool = self.mask.bool()[:num_tokens, :num_tokens]
-        attn_scores.masked_fill_(mask_bool, -torch.inf)
-        attn_weights = self.dropout(torch.softmax(attn_scores / keys.shape[-1] ** 0.5, dim=-1))
-        context = (attn_weights @ values).transpose(1, 2).contiguous().view(b, num_tokens, self.d_out)
-        return self.out_proj(context)
-
-
-class SeedTransformerBlock(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.att = SeedMultiHeadAttention(cfg["emb_dim"], cfg["emb_dim"], cfg["context_length"],
-                                          cfg["drop_rate"], cfg["n_heads"], cfg["qkv_bias"])
-        self.ff = SeedFeedForward(cfg)
-        self.norm1, self.norm2 = SeedLayerNorm(cfg["emb_dim"]), SeedLayerNorm(cfg["emb_dim"])
-        self.drop_shortcut = nn.Dropout(cfg["drop_rate"])
-
-    def forward(self, x):
-        x = x + self.drop_shortcut(self.att(self.norm1(x)))
-        return x + self.drop_shortcut(self.ff(self.norm2(x)))
-
-
-class SeedGPTModel(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.tok_emb = nn.Embedding(cfg["vocab_size"], cfg["emb_dim"])
-        self.pos_emb = nn.Embedding(cfg["context_length"], cfg["emb_dim"])
-        self.drop_emb = nn.Dropout(cfg["drop_rate"])
-        self.trf_blocks = nn.Sequential(*[SeedTransformerBlock(cfg) for _ in range(cfg["n_layers"])])
-        self.final_norm = SeedLayerNorm(cfg["emb_dim"])
-        self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False)
-
-    def forward(self, in_idx):
-        _, seq_len = in_idx.shape
-        x = self.tok_emb(in_idx) + self.pos_emb(torch.arange(seq_len, device=in_idx.device))
-        x = self.trf_blocks(self.drop_emb(x))
-        return self.out_head(self.final_norm(x))
-
-
 @pytest.mark.parametrize("qkv_bias", [False, True])
 def test_seed_state_dict_loads_unchanged_and_gives_same_logits(qkv_bias):
     cfg = tiny_config(qkv_bias=qkv_bias)
     torch.manual_seed(3)
-    seed_model = SeedGPTModel(cfg).eval()
+    seed_model = seed_reference.GPTModel(cfg).eval()
     model = GPTModel(cfg).eval()
     model.load_state_dict(seed_model.state_dict())  # strict: same keys, same shapes
     idx = torch.randint(0, 384, (2, 32))
     with torch.no_grad():
         assert torch.allclose(model(idx), seed_model(idx), atol=1e-5)
 
-    back = SeedGPTModel(cfg).eval()
+    back = seed_reference.GPTModel(cfg).eval()
     back.load_state_dict(sharp_model(seed=4, qkv_bias=qkv_bias).state_dict())  # and the other way round
     assert back.trf_blocks[0].att.mask.dtype == torch.float32
     assert torch.equal(back.trf_blocks[0].att.mask, seed_model.trf_blocks[0].att.mask)

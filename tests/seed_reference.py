@@ -1,6 +1,7 @@
 """The seed walkthrough's GPT-2, written as the classic book-style code does it.
 
-This is the baseline the benchmarks compare against: MultiHeadAttention with
+The reference the tests check GPTModel against and the baseline the benchmarks
+measure: MultiHeadAttention with
 an explicit causal mask (masked_fill with -inf, softmax, dropout on the
 weights), LayerNorm and GELU written out from their formulas, and a
 `generate` loop that re-runs the last `context_size` tokens at every step.
@@ -166,10 +167,3 @@ def generate(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=No
 
         idx = torch.cat((idx, idx_next), dim=1)
     return idx
-
-
-def calc_loss_batch(input_batch, target_batch, model, device):
-    input_batch, target_batch = input_batch.to(device), target_batch.to(device)
-    logits = model(input_batch)
-    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target_batch.flatten())
-    return loss

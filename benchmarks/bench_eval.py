@@ -24,30 +24,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # hf_reference: the hand-written GPTModel -> HF mapping
 
-from hf_reference import hf_model_from_gpt  # noqa: E402
+from hf_reference import hf_guide_loss, hf_model_from_gpt  # noqa: E402
 
 from scratchgpt import GPTModel, evaluate_perplexity, get_tokenizer  # noqa: E402
-
-
-def hf_guide(hf, ids: torch.Tensor, context: int, stride: int) -> tuple[float, int]:
-    """The guide's loop (one window per forward pass), weighting each window by the labels it scores."""
-    nll_sum, n_scored, prev_end = 0.0, 0, 0
-    device = hf.device
-    for begin in range(0, len(ids), stride):
-        end = min(begin + context, len(ids))
-        trg_len = end - prev_end
-        input_ids = ids[begin:end][None].to(device)
-        labels = input_ids.clone()
-        labels[:, :-trg_len] = -100
-        with torch.no_grad():
-            loss = hf(input_ids, labels=labels).loss
-        scored = int((labels[:, 1:] != -100).sum())
-        nll_sum += loss.item() * scored
-        n_scored += scored
-        prev_end = end
-        if end == len(ids):
-            break
-    return nll_sum / n_scored, n_scored
 
 
 def main() -> None:
@@ -84,7 +63,7 @@ def main() -> None:
             lambda: evaluate_perplexity(model, ids, args.context, args.stride, args.batch_size, progress=False)["loss"],
         "scratchgpt batch 1":
             lambda: evaluate_perplexity(model, ids, args.context, args.stride, 1, progress=False)["loss"],
-        "HF guide loop": lambda: hf_guide(hf, ids, args.context, args.stride)[0],
+        "HF guide loop": lambda: hf_guide_loss(hf, ids, args.context, args.stride)[0],
     }
     losses = {name: fn() for name, fn in contenders.items()}  # also the warm-up round
     times: dict[str, list[float]] = {name: [] for name in contenders}

@@ -52,3 +52,25 @@ def hf_model_from_gpt(model: GPTModel, attn_implementation: str = "eager") -> GP
     assert not unexpected, unexpected
     assert not [k for k in missing if k.endswith(("weight", "bias")) and "attn.bias" not in k], missing
     return hf.eval()
+
+
+def hf_guide_loss(hf, ids: torch.Tensor, context_size: int, stride: int) -> tuple[float, int]:
+    """The Hugging Face perplexity guide's loop, with each window weighted by the tokens it really
+    scores (the guide multiplies by trg_len, one more than the labels the shifted loss counts)."""
+    n = len(ids)
+    nll_sum, n_scored, prev_end = 0.0, 0, 0
+    for begin in range(0, n, stride):
+        end = min(begin + context_size, n)
+        trg_len = end - prev_end
+        input_ids = ids[begin:end][None].to(hf.device)
+        labels = input_ids.clone()
+        labels[:, :-trg_len] = -100
+        with torch.no_grad():
+            loss = hf(input_ids, labels=labels).loss
+        scored = int((labels[:, 1:] != -100).sum())
+        nll_sum += loss.item() * scored
+        n_scored += scored
+        prev_end = end
+        if end == n:
+            break
+    return nll_sum / n_scored, n_scored

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import sharp_model
-from hf_reference import hf_model_from_gpt
+from hf_reference import hf_guide_loss, hf_model_from_gpt
 
 from scratchgpt import evaluate_perplexity, save_checkpoint
 from scratchgpt.evaluate import sliding_windows
@@ -51,28 +51,6 @@ def small_model():
 
 def random_ids(n: int, seed: int = 0, vocab: int = 384) -> torch.Tensor:
     return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed))
-
-
-def hf_guide_loss(hf, ids: torch.Tensor, context_size: int, stride: int) -> tuple[float, int]:
-    """The Hugging Face perplexity guide's loop, with each window weighted by the tokens it really
-    scores (the guide multiplies by trg_len, one more than the labels the shifted loss counts)."""
-    n = len(ids)
-    nll_sum, n_scored, prev_end = 0.0, 0, 0
-    for begin in range(0, n, stride):
-        end = min(begin + context_size, n)
-        trg_len = end - prev_end
-        input_ids = ids[begin:end][None]
-        labels = input_ids.clone()
-        labels[:, :-trg_len] = -100
-        with torch.no_grad():
-            loss = hf(input_ids, labels=labels).loss
-        scored = int((labels[:, 1:] != -100).sum())
-        nll_sum += loss.item() * scored
-        n_scored += scored
-        prev_end = end
-        if end == n:
-            break
-    return nll_sum / n_scored, n_scored
 
 
 # --------------------------------------------------------------------------- against Hugging Face

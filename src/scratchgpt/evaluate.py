@@ -34,7 +34,6 @@ which this module does not copy.
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -43,7 +42,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .checkpoint import unwrap_model
 from .devices import resolve_dtype
+from .model import GPTModel
 
 IGNORE = -100  # target of a position whose prediction is not scored
 
@@ -108,26 +109,6 @@ def _as_token_tensor(token_ids) -> torch.Tensor:
     if ids.numel() and (ids.dtype.is_floating_point or ids.dtype == torch.bool):
         raise TypeError(f"token ids must be integers, got dtype {ids.dtype}")
     return ids.to(torch.int64)
-
-
-@contextmanager
-def _logits_from(model: torch.nn.Module, start: int):
-    """While active, a GPTModel's output head sees positions `start`.. only; yields the offset of
-    the logits' first position (0 where the model is not a GPTModel-like one, or start is 0).
-
-    The head is the costliest layer (vocab_size outputs per position, ~40% of GPT-2 124M's work)
-    and positions before `start` predict no token that is scored. Trimming after the final
-    LayerNorm (which works position by position) changes nothing else.
-    """
-    norm, head = getattr(model, "final_norm", None), getattr(model, "out_head", None)
-    if start == 0 or not isinstance(norm, torch.nn.Module) or not isinstance(head, torch.nn.Module):
-        yield 0
-        return
-    handle = norm.register_forward_hook(lambda module, args, output: output[:, start:])
-    try:
-        yield start
-    finally:
-        handle.remove()
 
 
 def _autocast_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -200,7 +181,7 @@ def evaluate_perplexity(model: torch.nn.Module, token_ids: torch.Tensor | Sequen
     # padding never see it, and padded positions are not scored.
     length = windows[0].end - windows[0].begin
     # Windows after the first all score their last context_size - step positions: batched apart from the
-    # first, they let the output head skip the positions that score nothing (see _logits_from).
+    # first, they let the output head skip the positions that score nothing (GPTModel's `logits_from`).
     groups = [windows[:1], windows[1:]]
     batches = [group[i:i + batch_size] for group in groups for i in range(0, len(group), batch_size)]
     if progress is None:  # tqdm's disable=None: shown only when stderr is a terminal
@@ -220,11 +201,13 @@ def evaluate_perplexity(model: torch.nn.Module, token_ids: torch.Tensor | Sequen
             for b, w in enumerate(batch):
                 inputs[b, :w.end - w.begin] = ids[w.begin:w.end]
                 targets[b, w.first_scored - w.begin - 1:w.end - w.begin - 1] = ids[w.first_scored:w.end]
-            first_scored_position = min(w.first_scored - w.begin - 1 for w in batch)
-            with _logits_from(model, first_scored_position) as offset, \
-                    torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-                logits = model(inputs.to(device))  # [B, length - offset, V]
-            targets = targets[:, offset:].to(device)
+            start = min(w.first_scored - w.begin - 1 for w in batch)  # positions before predict nothing scored
+            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                if isinstance(unwrap_model(model), GPTModel):
+                    logits = model(inputs.to(device), logits_from=start)  # [B, length - start, V]
+                else:
+                    logits = model(inputs.to(device))[:, start:]
+            targets = targets[:, start:].to(device)
             losses = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE,
                                      reduction="none")
             losses = losses[targets.flatten() != IGNORE]  # window by window, each in token order

@@ -96,10 +96,10 @@ def generate_stream(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, co
     with torch.no_grad():
         for _ in range(max_new_tokens):
             if cache is not None and cache.length + new_input.shape[1] <= cache.max_len:
-                logits = model(new_input, cache=cache, last_token_only=True)
+                logits = model(new_input, cache=cache, logits_from=-1)
             else:  # the window slid: positions changed, so re-run it whole as the seed does
                 cache = None
-                logits = model(window, last_token_only=True)
+                logits = model(window, logits_from=-1)
             token = next_token(logits[:, -1, :], temperature, top_k, top_p, generator)  # [B, 1]
             if eos_id is not None:
                 token = token.masked_fill(finished, eos_id)

@@ -217,8 +217,12 @@ class GPTModel(nn.Module):
             nn.init.zeros_(module.bias)
 
     def forward(self, in_idx: torch.Tensor, cache: KVCache | None = None,
-                last_token_only: bool = False) -> torch.Tensor:
-        """Logits [B, T, V] for token ids [B, T] (or [B, 1, V] with `last_token_only`).
+                logits_from: int = 0) -> torch.Tensor:
+        """Logits [B, T, V] for token ids [B, T].
+
+        `logits_from` computes them only for positions `logits_from:` (Python slice
+        semantics, so -1 is the last position): the output head is the costliest
+        layer, and sampling needs only the last position, evaluation only the scored ones.
 
         With a `cache`, `in_idx` holds only the new tokens: they are placed after
         the cached positions, attend to them, and are appended to the cache.
@@ -239,10 +243,9 @@ class GPTModel(nn.Module):
         x = self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(positions))  # [B, T, E]
         for i, block in enumerate(self.trf_blocks):
             x = block(x, None if cache is None else cache.layers[i])
-        if last_token_only:
-            x = x[:, -1:, :]  # [B, 1, E]: sampling needs only the last position
+        x = x[:, logits_from:, :]  # [B, T', E]: only the positions whose logits are needed
         x = self.final_norm(x)
-        return self.out_head(x)  # [B, T, V]
+        return self.out_head(x)  # [B, T', V]
 
 
 def count_parameters(model: GPTModel) -> dict[str, int]:

@@ -49,6 +49,13 @@ def test_bad_option_is_one_clear_line_and_a_nonzero_exit(tokenizer, small_checkp
     assert result.stderr.strip() == "scratchgpt generate: error: temperature must be >= 0 (0 = greedy), got -1.0"
 
 
+def test_debug_shows_the_traceback_before_or_after_the_verb(small_checkpoint):
+    for args in (["--debug", "generate"], ["generate", "--debug"]):
+        result = run_cli(*args, "--checkpoint", str(small_checkpoint), "--temperature", "-1", "Hi")
+        assert result.returncode == 1
+        assert "Traceback" in result.stderr and "temperature must be >= 0" in result.stderr
+
+
 def test_missing_checkpoint_names_the_file(tmp_path):
     result = run_cli("generate", "--checkpoint", str(tmp_path / "none.pt"), "Hi")
     assert result.returncode == 1

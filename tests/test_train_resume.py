@@ -98,7 +98,7 @@ def test_prepare_then_train_from_the_token_file(tmp_path, tokenizer, capsys):
     assert safe_load(tmp_path / "run" / "last.pt")["step"] == 2
 
 
-@pytest.mark.slow  # about 20-30 s: four Python processes start torch
+# about 20-30 s (four Python processes start torch), worth it: it is the only check of DDP
 def test_two_gloo_processes_match_one_with_the_same_global_batch(tmp_path, tokenizer):
     common = ["--max-steps", "6", "--eval-every", "3", "--drop-rate", "0", "--grad-accum", "2"]
     run_train(tmp_path / "one", *common, "--batch-size", "8")

@@ -376,6 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in PARSERS:
         add(sub)
+    for verb in sub.choices.values():  # `scratchgpt VERB --debug` works as well as `scratchgpt --debug VERB`
+        verb.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                          help="show full tracebacks on errors")
     return parser
 
 

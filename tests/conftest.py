@@ -14,6 +14,7 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 FIXTURES = SHARED / "fixtures"
 TESTS = Path(__file__).resolve().parent
+MINI = TESTS / "fixtures" / "gpt2-mini-tf"  # the small TF fixture, copied here so it works without ../shared
 
 
 def shared_path(*parts: str) -> Path:
@@ -22,6 +23,11 @@ def shared_path(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"needs {path} (../shared is beside the checkout in CI, not on a fresh clone)")
     return path
+
+
+def gpt2_fixture(name: str) -> Path:
+    """A TensorFlow fixture folder: the copy in tests/ for gpt2-mini-tf, ../shared for the others."""
+    return MINI if name == "gpt2-mini-tf" else shared_path(name)
 
 
 @pytest.fixture(scope="session")

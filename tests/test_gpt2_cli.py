@@ -6,16 +6,14 @@ import json
 import shutil
 import threading
 from http.server import ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
-from conftest import shared_path
+from conftest import MINI, shared_path
 from test_gpt2_download import GPT2_FILES, Faults, Handler, served_files
 
 from scratchgpt.cli import main
 from scratchgpt.gpt2.tf_checkpoint import TFCheckpointReader
 
-MINI = Path(__file__).parent / "fixtures" / "gpt2-mini-tf"
 
 
 @pytest.fixture

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import MINI
 
 from scratchgpt.gpt2.download import GPT2_FILES, DownloadError, download_file, download_gpt2_files
 from scratchgpt.gpt2.load import download_and_load_gpt2
 
-MINI = Path(__file__).parent / "fixtures" / "gpt2-mini-tf"
 FAST = {"backoff": 0.001, "progress": False, "timeout": 10}
 
 

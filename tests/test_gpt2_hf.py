@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import MINI
 from safetensors.numpy import load_file, save_file
 
 from scratchgpt import GPTModel
@@ -15,7 +16,6 @@ from scratchgpt.gpt2.hf import load_hf_gpt2, save_hf_gpt2
 from scratchgpt.gpt2.load import load_gpt2_from_folder
 
 transformers = pytest.importorskip("transformers")
-MINI = Path(__file__).parent / "fixtures" / "gpt2-mini-tf"
 
 
 def hf_model(tmp_path: Path, **config) -> tuple["transformers.GPT2LMHeadModel", Path]:

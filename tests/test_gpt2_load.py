@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import shared_path
+from conftest import MINI, gpt2_fixture, shared_path
 
 from scratchgpt import GPTModel, generate
 from scratchgpt.gpt2.load import (
@@ -24,11 +23,6 @@ from scratchgpt.gpt2.load import (
 )
 from scratchgpt.gpt2.tf_checkpoint import TFCheckpointReader, write_tf_checkpoint
 
-MINI = Path(__file__).parent / "fixtures" / "gpt2-mini-tf"
-
-
-def fixture(name: str) -> Path:
-    return MINI if name == "gpt2-mini-tf" else shared_path(name)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +38,7 @@ def build(settings, **overrides) -> GPTModel:
 
 @pytest.mark.parametrize("name", ["gpt2-mini-tf", "gpt2-tiny-tf"])
 def test_logits_match_openais_tensorflow_code(name):
-    folder = fixture(name)
+    folder = gpt2_fixture(name)
     reference = json.loads((folder / "reference.json").read_text())
     settings = read_hparams(folder)
     model = build(settings)  # the seed's way: build, then load_weights_into_gpt
@@ -64,7 +58,7 @@ def test_logits_match_openais_tensorflow_code(name):
 
 @pytest.mark.parametrize("name", ["gpt2-mini-tf", "gpt2-tiny-tf"])
 def test_greedy_tokens_match_openais_tensorflow_code(name):
-    folder = fixture(name)
+    folder = gpt2_fixture(name)
     model = load_gpt2_from_folder(folder)
     for case in json.loads((folder / "reference.json").read_text())["greedy"]:
         prompt = torch.tensor([case["prompt_ids"]])

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import shared_path
+from conftest import MINI, gpt2_fixture
 
 from scratchgpt.gpt2.tf_checkpoint import (
     CheckpointError,
@@ -25,11 +25,6 @@ from scratchgpt.gpt2.tf_checkpoint import (
     write_tf_checkpoint,
 )
 
-MINI = Path(__file__).parent / "fixtures" / "gpt2-mini-tf"
-
-
-def fixture(name: str) -> Path:
-    return MINI if name == "gpt2-mini-tf" else shared_path(name)
 
 
 def test_crc32c_and_its_mask_match_the_published_values():
@@ -40,7 +35,7 @@ def test_crc32c_and_its_mask_match_the_published_values():
 
 @pytest.mark.parametrize("name", ["gpt2-mini-tf", "gpt2-tiny-tf"])
 def test_reader_gives_the_entries_and_values_tensorflow_saved(name):
-    folder = fixture(name)
+    folder = gpt2_fixture(name)
     reference = json.loads((folder / "reference.json").read_text())
     reader = TFCheckpointReader(folder)
     assert sorted(reader) == sorted(reference["index_entries"])
@@ -58,7 +53,7 @@ def test_reader_gives_the_entries_and_values_tensorflow_saved(name):
 
 @pytest.mark.parametrize("name", ["gpt2-mini-tf", "gpt2-tiny-tf"])
 def test_index_rebuilt_from_parsed_entries_is_byte_identical_to_tensorflows(name):
-    index = fixture(name) / "model.ckpt.index"
+    index = gpt2_fixture(name) / "model.ckpt.index"
     header, raw = read_index(index)
     entries = [(key, encode_entry(parse_entry(key.decode(), value, "test"))) for key, value in raw]
     assert [value for _, value in entries] == [value for _, value in raw]

@@ -24,6 +24,7 @@ vocab: install
 # metrics.jsonl, loss.png). Point --data at your own text, or add --init gpt2:124M to fine-tune GPT-2.
 DEMO_ARGS ?=
 demo: vocab
+	rm -rf runs/demo  # each demo starts afresh (train refuses to overwrite a run without --resume)
 	$(BIN)/scratchgpt train --corpus pydoc --out-dir runs/demo \
 		--n-layers 4 --emb-dim 256 --n-heads 4 --context-length 128 --drop-rate 0 \
 		--batch-size 8 --lr 1e-3 --warmup 20 --max-steps 150 --max-minutes 3.5 --eval-every 25 --eval-iters 5 \

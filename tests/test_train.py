@@ -134,3 +134,12 @@ def test_trains_from_a_memory_mapped_token_file(tmp_path):
     model.load_state_dict(state)
     in_memory = Trainer(model, train_tokens, val_tokens, tiny_run(tmp_path / "b")).train()
     assert from_disk.losses == in_memory.losses
+
+
+def test_a_new_run_never_overwrites_a_previous_runs_checkpoints(tmp_path):
+    train_tokens, val_tokens = byte_tokens()
+    Trainer(GPTModel(tiny_config()), train_tokens, val_tokens, tiny_run(tmp_path, max_steps=2)).train()
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.suffix in (".pt", ".jsonl")}
+    with pytest.raises(FileExistsError, match=r"run/last.pt exists: add --resume to continue that run"):
+        Trainer(GPTModel(tiny_config()), train_tokens, val_tokens, tiny_run(tmp_path, max_steps=2))
+    assert {name: (tmp_path / "run" / name).read_bytes() for name in before} == before

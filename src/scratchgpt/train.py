@@ -341,6 +341,9 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         if config.resume:
             self._resume(self.out_dir / "last.pt")
+        elif (self.out_dir / "last.pt").exists():  # never overwrite another run's checkpoints by accident
+            raise FileExistsError(f"{self.out_dir / 'last.pt'} exists: add --resume to continue that run, "
+                                  f"or choose another --out-dir")
         elif self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "metrics.jsonl").write_text("")

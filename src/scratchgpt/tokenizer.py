@@ -39,8 +39,10 @@ SHA256 = {
     "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
     "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
 }
-# The registry package that ships gpt2.tiktoken (as whisper/assets/gpt2.tiktoken).
+# The registry package that ships gpt2.tiktoken (as whisper/assets/gpt2.tiktoken), pinned to the
+# sha256 of its source archive so that pip checks it before running any of the package's build code.
 WHISPER_PACKAGE = "openai-whisper==20250625"
+WHISPER_SDIST_SHA256 = "37a91a3921809d9f44748ffc73c0a55c9f366c85a3ef5c2ae0cc09540432eb96"
 PROVISION_HINT = "run `scratchgpt vocab` (fetches it from PyPI) or set SCRATCHGPT_VOCAB to a gpt2.tiktoken file"
 
 
@@ -54,10 +56,12 @@ def cache_dir() -> Path:
 
 
 def _read_verified(path: Path) -> bytes:
+    """The file's bytes, if they are GPT-2's (any `*.tiktoken` name holds the BPE ranks)."""
+    kind = "gpt2.tiktoken" if path.suffix == ".tiktoken" else path.name
     data = path.read_bytes()
     digest = hashlib.sha256(data).hexdigest()
-    if digest != SHA256[path.name]:
-        raise ValueError(f"{path}: sha256 {digest} is not GPT-2's {path.name} ({SHA256[path.name]})")
+    if digest != SHA256[kind]:
+        raise ValueError(f"{path}: sha256 {digest} is not GPT-2's {kind} ({SHA256[kind]})")
     return data
 
 
@@ -168,16 +172,23 @@ def provision_vocab(dest_dir: str | os.PathLike | None = None) -> Path:
         _read_verified(target)
         return target
     with tempfile.TemporaryDirectory() as tmp:
+        requirement = Path(tmp) / "requirements.txt"
+        requirement.write_text(f"{WHISPER_PACKAGE} --hash=sha256:{WHISPER_SDIST_SHA256}\n")
         cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-               "--dest", tmp, WHISPER_PACKAGE]
+               "--require-hashes", "--dest", tmp, "-r", str(requirement)]
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
             last = (result.stderr.strip().splitlines() or ["no output"])[-1]
             raise RuntimeError(f"`pip download {WHISPER_PACKAGE}` failed: {last}")
-        (archive,) = Path(tmp).glob("*.tar.gz")
+        archives = list(Path(tmp).glob("*.tar.gz"))
+        if len(archives) != 1:
+            raise RuntimeError(f"`pip download {WHISPER_PACKAGE}` gave no source archive: {os.listdir(tmp)}")
+        archive = archives[0]
         with tarfile.open(archive) as tar:
-            member = next(m for m in tar.getmembers() if m.name.endswith("whisper/assets/gpt2.tiktoken"))
-            data = tar.extractfile(member).read()
+            members = [m for m in tar.getmembers() if m.name.endswith("whisper/assets/gpt2.tiktoken")]
+            if not members:
+                raise ValueError(f"{archive.name} holds no whisper/assets/gpt2.tiktoken")
+            data = tar.extractfile(members[0]).read()
         digest = hashlib.sha256(data).hexdigest()
         if digest != SHA256["gpt2.tiktoken"]:
             raise ValueError(f"{archive.name}: gpt2.tiktoken has sha256 {digest}, expected {SHA256['gpt2.tiktoken']}")

@@ -111,3 +111,14 @@ def test_configs_gptmodel_cannot_run_are_refused(tmp_path, change, message):
 def test_missing_files_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json: not found"):
         load_hf_gpt2(tmp_path)
+
+
+def test_an_untied_head_of_the_wrong_shape_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, folder = hf_model(tmp_path, tie_word_embeddings=False)
+    tensors = load_file(folder / "model.safetensors")
+    tensors["lm_head.weight"] = tensors["lm_head.weight"][:1].contiguous()  # [1, E]: copy_ would broadcast it
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"lm_head.weight has shape \(1, 32\), the model needs \(120, 32\)"):
+        load_hf_gpt2(folder)

@@ -258,8 +258,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     if result.interrupted:
         raise KeyboardInterrupt
     if trainer.dist.is_main:
+        best = "n/a" if result.best_val_loss is None else f"{result.best_val_loss:.3f}"
         print(f"done: step {result.step}, {result.tokens_seen:,} tokens; best val loss "
-              f"{result.best_val_loss:.3f}; wrote {args.out_dir}/ (last.pt, best.pt, model.pth, loss.png)")
+              f"{best}; wrote {args.out_dir}/ (last.pt, best.pt, model.pth, loss.png)")
 
 
 def add_prepare_parser(sub: argparse._SubParsersAction) -> None:

@@ -91,7 +91,9 @@ def generate_stream(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, co
     finished = torch.zeros(idx.shape[0], 1, dtype=torch.bool, device=idx.device)
     window = idx[:, -context_size:]  # the tokens the model sees, at positions 0..len-1
     cache_len = min(context_size, window.shape[1] + max_new_tokens)
-    cache = KVCache(model, idx.shape[0], cache_len) if use_cache and max_new_tokens > 0 else None
+    # no cache when the prompt already fills the window: every step would re-run it anyway
+    cache = (KVCache(model, idx.shape[0], cache_len)
+             if use_cache and max_new_tokens > 0 and window.shape[1] < context_size else None)
     new_input = window  # what the cache has not seen yet
     with torch.no_grad():
         for _ in range(max_new_tokens):

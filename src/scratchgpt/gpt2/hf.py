@@ -110,6 +110,9 @@ def load_hf_gpt2(folder: str | os.PathLike, device: str | torch.device = "cpu") 
     if not cfg["tie_weights"]:
         if head is None:
             raise ValueError(f"{weights_path}: tie_word_embeddings is false but there is no lm_head.weight")
+        if tuple(head.shape) != tuple(model.out_head.weight.shape):  # copy_ would broadcast a wrong shape
+            raise ValueError(f"{weights_path}: lm_head.weight has shape {tuple(head.shape)}, "
+                             f"the model needs {tuple(model.out_head.weight.shape)}")
         with torch.no_grad():
             model.out_head.weight.copy_(torch.from_numpy(head))
     return model

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from .checkpoint import load_checkpoint, save_checkpoint, save_model, unwrap_model
 from .data import TokenWindows, check_corpus_size
+from .devices import resolve_dtype
 from .distributed import DistContext, all_reduce_sum, any_process, gather_objects, init_distributed
 from .generate import generate
 from .plot import plot_losses
@@ -150,9 +151,8 @@ def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
         if device.type != "cuda":
             return None
         name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if name not in ("fp32", "bf16", "fp16"):
-        raise ValueError(f"unknown dtype {name!r}; choose auto, fp32, bf16 or fp16")
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+    dtype = resolve_dtype(name)
+    return None if dtype == torch.float32 else dtype
 
 
 def rng_state() -> dict[str, Any]:

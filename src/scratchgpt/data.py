@@ -272,10 +272,15 @@ def prepare_token_file(out_path: str | os.PathLike, data: Sequence[str] = (), co
                 count += len(ids)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, out_path)
     meta = {"format": "scratchgpt-tokens-v1", "dtype": "uint16", "tokens": count, "tokenizer": "gpt2",
             "vocab_size": tokenizer.n_vocab, "sources": [corpus] if corpus else [str(p) for p in files]}
-    Path(str(out_path) + ".json").write_text(json.dumps(meta, indent=2) + "\n")
+    meta_path = Path(str(out_path) + ".json")
+    meta_tmp = meta_path.with_name(meta_path.name + ".part")
+    meta_tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    # the old metadata goes first, so a crash between the renames never pairs new tokens with it
+    meta_path.unlink(missing_ok=True)
+    os.replace(tmp, out_path)
+    os.replace(meta_tmp, meta_path)
     return meta
 
 

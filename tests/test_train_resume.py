@@ -117,14 +117,18 @@ def test_two_gloo_processes_match_one_with_the_same_global_batch(tmp_path, token
                 assert b[key] == pytest.approx(a[key], abs=1e-5), (key, a, b)
 
 
-def test_fine_tunes_gpt2_from_an_openai_folder(tmp_path, tokenizer):
+def test_fine_tunes_gpt2_from_an_openai_folder(tmp_path, tokenizer, capsys):
     folder = shared_path("gpt2-tiny-tf")  # a random-weight GPT-2 written by OpenAI's own TensorFlow code
+    assert main(["train", "--corpus", "pydoc", "--init", str(folder), "--n-layers", "4",
+                 "--out-dir", str(tmp_path / "refused")]) == 1
+    assert "fixes the model's shape; drop the flags that change it: ['n_layers']" in capsys.readouterr().err
     command = [sys.executable, "-m", "scratchgpt.cli", "train", "--corpus", "pydoc", "--init", str(folder),
+               "--drop-rate", "0.1",
                "--context-length", "32", "--batch-size", "4", "--max-steps", "2", "--eval-every", "2",
                "--eval-iters", "1", "--sample-tokens", "5", "--warmup", "1", "--lr", "1e-3", "--device", "cpu", "--out-dir", str(tmp_path)]
     result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     state = safe_load(tmp_path / "last.pt")
     assert state["step"] == 2 and state["train_config"]["context_length"] == 32
-    assert {k: state["config"][k] for k in ("n_layers", "emb_dim", "context_length", "qkv_bias")} == \
-        {"n_layers": 2, "emb_dim": 32, "context_length": 64, "qkv_bias": True}  # GPT-2's shape, not a preset's
+    assert {k: state["config"][k] for k in ("n_layers", "emb_dim", "context_length", "qkv_bias", "drop_rate")} == \
+        {"n_layers": 2, "emb_dim": 32, "context_length": 64, "qkv_bias": True, "drop_rate": 0.1}  # GPT-2's shape

@@ -206,13 +206,21 @@ def _train_model(args: argparse.Namespace, vocab_size: int) -> tuple[GPTModel, o
         cfg = {**safe_load(last)["config"], **overrides}
         return GPTModel(cfg), None
     if args.init:
-        from .gpt2.load import load_gpt2
-
+        shape = sorted(key for key in overrides if key != "drop_rate")
+        if shape:
+            raise ValueError(f"--init {args.init} fixes the model's shape; drop the flags that change it: {shape}")
         source = args.init.removeprefix("gpt2:")
         kwargs = {"models_dir": args.models_dir} if args.models_dir else {}
-        return load_gpt2(source, device="cpu", **kwargs)
+        model, tokenizer = load_gpt2(source, device="cpu", **kwargs)
+        if "drop_rate" in overrides:  # GPT-2 loads with dropout off; fine-tuning may want it back
+            tuned = GPTModel({**model.cfg.to_dict(), "drop_rate": overrides["drop_rate"]})
+            tuned.load_state_dict(model.state_dict())
+            model = tuned
+        return model, tokenizer
     if args.config:
         cfg = json.loads(Path(args.config).read_text())
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{args.config}: a config must be a JSON object of seed-style keys")
     elif args.preset:
         cfg = gpt2_config(args.preset)
     else:

@@ -84,10 +84,11 @@ def generate_and_print_sample(model: nn.Module, tokenizer: tiktoken.Encoding,
                               device: torch.device | str, start_context: str, max_new_tokens: int = 50) -> None:
     """Print the model's greedy continuation of `start_context` on one line, as the seed does."""
     model.eval()
-    context_size = unwrap_model(model).pos_emb.weight.shape[0]
+    plain = unwrap_model(model)  # generate needs the GPTModel itself (its cfg and KV cache), not a wrapper
+    context_size = plain.pos_emb.weight.shape[0]
     encoded = text_to_token_ids(start_context, tokenizer).to(device)
     with torch.no_grad():
-        token_ids = generate(model, encoded, max_new_tokens, context_size)
+        token_ids = generate(plain, encoded, max_new_tokens, context_size)
     print(token_ids_to_text(token_ids, tokenizer).replace("\n", " "))
     model.train()
 

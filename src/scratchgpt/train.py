@@ -268,7 +268,8 @@ class TrainResult:
 
 
 class _StopSignals:
-    """Turns SIGINT/SIGTERM into a flag the loop checks, so it can save before leaving."""
+    """Turns SIGINT/SIGTERM into a flag the loop checks, so it can save before leaving;
+    a second signal interrupts at once (for a step or evaluation that will not finish)."""
 
     def __init__(self) -> None:
         self.received: int | None = None
@@ -283,6 +284,8 @@ class _StopSignals:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None:  # asked twice: stop now, without the checkpoint
+            raise KeyboardInterrupt
         self.received = signum
 
     def __exit__(self, *exc: Any) -> None:

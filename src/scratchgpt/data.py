@@ -30,6 +30,7 @@ import tiktoken
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .fileio import atomic_write
 from .tokenizer import ENDOFTEXT, get_tokenizer
 
 # Corpora that every CPython ships, so a first run needs no download.
@@ -260,27 +261,20 @@ def prepare_token_file(out_path: str | os.PathLike, data: Sequence[str] = (), co
     texts = iter([builtin_corpus(corpus)]) if corpus else _document_stream(files, errors)
     tokenizer = get_tokenizer()  # fail here, once, if there is no vocabulary
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".part")
+    meta_path = Path(str(out_path) + ".json")
+    meta_path.unlink(missing_ok=True)  # never leave old metadata beside new tokens, even after a crash
     workers = workers or os.cpu_count() or 1
     count = 0
     pieces = _pieces(texts, piece_chars)
-    with open(tmp, "wb") as f, multiprocessing.get_context("spawn").Pool(workers) as pool:
+    with atomic_write(out_path) as f, multiprocessing.get_context("spawn").Pool(workers) as pool:
         while batch := list(itertools.islice(pieces, 4 * workers)):
             for ids in pool.map(_encode_piece, batch, chunksize=1):
                 f.write(ids.astype("<u2").tobytes())
                 count += len(ids)
-        f.flush()
-        os.fsync(f.fileno())
     meta = {"format": "scratchgpt-tokens-v1", "dtype": "uint16", "tokens": count, "tokenizer": "gpt2",
             "vocab_size": tokenizer.n_vocab, "sources": [corpus] if corpus else [str(p) for p in files]}
-    meta_path = Path(str(out_path) + ".json")
-    meta_tmp = meta_path.with_name(meta_path.name + ".part")
-    meta_tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    # the old metadata goes first, so a crash between the renames never pairs new tokens with it
-    meta_path.unlink(missing_ok=True)
-    os.replace(tmp, out_path)
-    os.replace(meta_tmp, meta_path)
+    with atomic_write(meta_path) as f:
+        f.write((json.dumps(meta, indent=2) + "\n").encode())
     return meta
 
 

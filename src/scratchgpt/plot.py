@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os
 import warnings
-from pathlib import Path
 from typing import Sequence
+
+from .fileio import atomic_write
 
 _warned = False
 
@@ -37,9 +38,7 @@ def plot_losses(tokens_seen: Sequence[int], train_losses: Sequence[float], val_l
     ax.legend(loc="upper right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=100)
+    with atomic_write(path) as f:
+        fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
     return True

@@ -29,6 +29,8 @@ from pathlib import Path
 import tiktoken
 import torch
 
+from .fileio import atomic_write
+
 ENDOFTEXT = "<|endoftext|>"
 ENDOFTEXT_ID = 50256
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
@@ -192,11 +194,6 @@ def provision_vocab(dest_dir: str | os.PathLike | None = None) -> Path:
         digest = hashlib.sha256(data).hexdigest()
         if digest != SHA256["gpt2.tiktoken"]:
             raise ValueError(f"{archive.name}: gpt2.tiktoken has sha256 {digest}, expected {SHA256['gpt2.tiktoken']}")
-        dest.mkdir(parents=True, exist_ok=True)
-        partial = dest / "gpt2.tiktoken.part"
-        with open(partial, "wb") as f:
+        with atomic_write(target) as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(partial, target)
     return target

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from .checkpoint import load_checkpoint, save_checkpoint, save_model, unwrap_model
 from .data import TokenWindows, check_corpus_size
 from .devices import resolve_dtype
-from .distributed import DistContext, all_reduce_sum, any_process, gather_objects, init_distributed
+from .distributed import all_reduce_sum, any_process, gather_objects, init_distributed
 from .generate import generate
 from .plot import plot_losses
 from .tokenizer import text_to_token_ids, token_ids_to_text

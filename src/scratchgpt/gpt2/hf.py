@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.numpy import save_file
+from safetensors.numpy import save
 
+from ..fileio import atomic_write
 from ..model import GPTModel
 from .load import Params, gpt2_model_for_weights, load_weights_into_gpt, params_from_gpt
 
@@ -137,9 +138,8 @@ def save_hf_gpt2(model: GPTModel, folder: str | os.PathLike) -> Path:
             tensors[f"transformer.h.{i}.{name}"] = value
     if not tied:
         tensors["lm_head.weight"] = model.out_head.weight.detach().to("cpu", torch.float32).numpy()
-    tmp = folder / "model.safetensors.tmp"
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, folder / "model.safetensors")
-    (folder / "config.json").write_text(json.dumps(hf_config_from_model(model, tied), indent=2) + "\n",
-                                        encoding="utf-8")
+    with atomic_write(folder / "model.safetensors") as f:
+        f.write(save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata={"format": "pt"}))
+    with atomic_write(folder / "config.json") as f:
+        f.write((json.dumps(hf_config_from_model(model, tied), indent=2) + "\n").encode())
     return folder

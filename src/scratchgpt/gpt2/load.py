@@ -26,6 +26,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from ..config import GPT2_SIZES
+from ..fileio import atomic_write
 from ..model import GPTModel
 from ..tokenizer import get_tokenizer
 from .download import download_gpt2_files
@@ -305,6 +306,8 @@ def save_gpt2_tf(model: GPTModel, folder: str | os.PathLike) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     write_tf_checkpoint(folder / "model.ckpt", tf_tensors_from_params(params_from_gpt(model)))
-    (folder / "model.ckpt.meta").write_bytes(b"")
-    (folder / "hparams.json").write_text(json.dumps(hparams_from_config(model), indent=2), encoding="utf-8")
+    with atomic_write(folder / "model.ckpt.meta") as f:
+        f.write(b"")
+    with atomic_write(folder / "hparams.json") as f:
+        f.write(json.dumps(hparams_from_config(model), indent=2).encode())
     return folder

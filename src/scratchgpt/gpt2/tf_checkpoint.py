@@ -30,6 +30,8 @@ from typing import Iterator, Mapping
 import crc32c as _crc32c
 import numpy as np
 
+from ..fileio import atomic_write
+
 TABLE_MAGIC = 0xDB4775248B80FB57
 FOOTER_SIZE = 48  # two BlockHandles padded to 40 bytes, then the 8-byte magic
 BLOCK_TRAILER_SIZE = 5  # compression type byte + masked CRC32C
@@ -513,7 +515,7 @@ def write_tf_checkpoint(prefix: str | os.PathLike, tensors: Mapping[str, np.ndar
     entries: list[tuple[bytes, bytes]] = []
     data_path = data_file(prefix)
     offset = 0
-    with _atomic_writer(data_path) as f:
+    with atomic_write(data_path) as f:
         for name in sorted(tensors, key=lambda n: n.encode("utf-8")):
             array = np.asarray(tensors[name])
             dtype = array.dtype.newbyteorder("<")
@@ -526,11 +528,11 @@ def write_tf_checkpoint(prefix: str | os.PathLike, tensors: Mapping[str, np.ndar
             entries.append((name.encode("utf-8"), encode_entry(entry)))
             offset += array.nbytes
     index_bytes = build_index(HEADER_VALUE, entries, block_size)
-    with _atomic_writer(Path(f"{prefix}.index")) as f:
+    with atomic_write(Path(f"{prefix}.index")) as f:
         f.write(index_bytes)
     if state_file:
         name = _c_escape(os.fsencode(prefix.name))
-        with _atomic_writer(prefix.parent / "checkpoint") as f:
+        with atomic_write(prefix.parent / "checkpoint") as f:
             f.write(b'model_checkpoint_path: "%s"\nall_model_checkpoint_paths: "%s"\n' % (name, name))
     return prefix
 
@@ -539,24 +541,3 @@ def _c_escape(raw: bytes) -> bytes:
     """Quote bytes for a text-format protobuf string as TensorFlow does (octal for the unprintable)."""
     special = {ord("\\"): b"\\\\", ord('"'): b'\\"', ord("'"): b"\\'", ord("\n"): b"\\n"}
     return b"".join(special.get(c) or (bytes([c]) if 32 <= c < 127 else b"\\%03o" % c) for c in raw)
-
-
-class _atomic_writer:
-    """Open `path.tmp` for writing; on success fsync and rename it to `path`, on error remove it."""
-
-    def __init__(self, path: Path):
-        self.path, self.tmp = path, path.with_name(path.name + ".tmp")
-
-    def __enter__(self):
-        self.file = open(self.tmp, "wb")
-        return self.file
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.file.flush()
-            os.fsync(self.file.fileno())
-        self.file.close()
-        if exc_type is None:
-            os.replace(self.tmp, self.path)
-        else:
-            self.tmp.unlink(missing_ok=True)

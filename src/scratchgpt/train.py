@@ -35,6 +35,7 @@ from tqdm import tqdm
 from .checkpoint import load_checkpoint, save_checkpoint, save_model, unwrap_model
 from .data import TokenWindows, check_corpus_size
 from .devices import resolve_dtype
+from .fileio import atomic_write
 from .distributed import all_reduce_sum, any_process, gather_objects, init_distributed
 from .generate import generate
 from .plot import plot_losses
@@ -462,7 +463,8 @@ class Trainer:
             metrics = self.out_dir / "metrics.jsonl"
             lines = metrics.read_text().splitlines() if metrics.is_file() else []
             kept = [line for line in lines if json.loads(line)["step"] <= self.step]
-            metrics.write_text("".join(line + "\n" for line in kept))
+            with atomic_write(metrics) as f:  # a crash here must not lose the whole log
+                f.write("".join(line + "\n" for line in kept).encode())
             print(f"resumed from {path} at step {self.step} ({self.tokens_seen:,} tokens seen)")
 
     def _log(self, record: dict[str, Any]) -> None:

@@ -1,74 +1,97 @@
-"""The fast paths stay correct: transposed weight storage and the bf16 inference mode."""
+"""The fast paths stay correct: oneDNN inference in `Linear` and the bf16 inference mode."""
 
 from __future__ import annotations
 
 import copy
-import io
+import warnings
 
+import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from helpers import sharp_model, tiny_config
 from scratchgpt import GPTModel, generate
+from scratchgpt.model import _ONEDNN_LINEAR, Linear
+
+needs_onednn = pytest.mark.skipif(not _ONEDNN_LINEAR, reason="oneDNN linear is used on x86 CPUs only")
 
 
-def linear_weights(model: nn.Module) -> list[torch.Tensor]:
-    return [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
+def ops_run(fn) -> set[str]:
+    """Names of the operators `fn()` dispatches, recorded by the profiler."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {event.name for event in prof.events()}
 
 
-def is_transposed_storage(w: torch.Tensor) -> bool:
-    return w.t().is_contiguous() and not w.is_contiguous()
-
-
-def test_linear_weights_keep_seed_shapes_but_transposed_storage():
+def test_every_linear_layer_is_the_fast_linear_with_seed_shapes():
     model = GPTModel(tiny_config())
-    for module in model.modules():
-        if isinstance(module, nn.Linear):
-            assert module.weight.shape == (module.out_features, module.in_features)
-            assert is_transposed_storage(module.weight)
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert len(linears) == 6 * 2 + 1
+    for module in linears:
+        assert type(module) is Linear
+        assert module.weight.shape == (module.out_features, module.in_features)
+        assert module.weight.is_contiguous()
+
+
+@needs_onednn
+@pytest.mark.parametrize("shape", [(1, 1, 64), (3, 5, 64), (7, 64)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_inference_goes_through_onednn_and_equals_f_linear(shape, bias):
+    layer = Linear(64, 96, bias=bias)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert "mkldnn::_linear_pointwise" in ops_run(lambda: layer(x))
+        got = layer(x)
+        want = F.linear(x, layer.weight, layer.bias)
+    assert got.shape == want.shape
+    assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+
+
+@needs_onednn
+def test_training_uses_f_linear_and_gets_exact_gradients():
+    layer = Linear(64, 96)
+    x = torch.randn(4, 64, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # autograd warns when it backprops through an op without a backward
+        assert "mkldnn::_linear_pointwise" not in ops_run(lambda: layer(x).sum().backward())
+    expected = torch.ones(4, 96) @ layer.weight
+    assert torch.allclose(x.grad, expected, atol=1e-6)
+
+
+@needs_onednn
+def test_onednn_can_be_switched_off():
+    layer = Linear(64, 96)
+    x = torch.randn(2, 64)
+    torch.backends.mkldnn.enabled = False
+    try:
+        with torch.no_grad():
+            assert "mkldnn::_linear_pointwise" not in ops_run(lambda: layer(x))
+    finally:
+        torch.backends.mkldnn.enabled = True
+
+
+def test_model_logits_without_grad_equal_those_with_grad():
+    model = sharp_model(seed=4).eval()
+    idx = torch.randint(0, 384, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        fast = model(idx)
+    recorded = model(idx).detach()
+    assert (fast - recorded).abs().max().item() <= 1e-5 * recorded.abs().max().item()
+
+
+def test_compiled_model_infers_without_grad():
+    # inductor cannot lower the oneDNN op from an unfrozen graph: under compile Linear is F.linear
+    model = sharp_model(seed=5).eval()
+    idx = torch.randint(0, 384, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got, want = torch.compile(model)(idx), model(idx)
+    assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()
 
 
 def test_tied_head_stays_the_embedding_table():
     model = GPTModel(tiny_config(tie_weights=True))
     assert model.out_head.weight is model.tok_emb.weight
-
-
-def test_storage_survives_loading_copying_and_casting():
-    model = sharp_model(seed=3)
-    target = GPTModel(tiny_config())
-    target.load_state_dict(model.state_dict())
-    for m in (target, copy.deepcopy(model), copy.deepcopy(model).to(torch.bfloat16)):
-        assert all(is_transposed_storage(w) for w in linear_weights(m))
-
-
-def test_state_dict_round_trips_into_contiguous_weights():
-    model = sharp_model(seed=4)
-    buffer = io.BytesIO()
-    torch.save(model.state_dict(), buffer)
-    buffer.seek(0)
-    loaded = torch.load(buffer, weights_only=True)
-    plain = GPTModel(tiny_config())
-    for module in plain.modules():  # the layout a seed-style model has
-        if isinstance(module, nn.Linear):
-            module.weight = nn.Parameter(module.weight.detach().contiguous())
-    plain.load_state_dict(loaded)
-    plain.eval()
-    idx = torch.randint(0, 384, (2, 32), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert (plain(idx) - model(idx)).abs().max().item() <= 1e-5
-
-
-def test_training_step_gradients_match_contiguous_weights():
-    model = sharp_model(seed=5).train()
-    plain = copy.deepcopy(model)
-    for module in plain.modules():
-        if isinstance(module, nn.Linear):
-            module.weight = nn.Parameter(module.weight.detach().contiguous())
-    idx = torch.randint(0, 384, (2, 16), generator=torch.Generator().manual_seed(1))
-    for m in (model, plain):
-        torch.nn.functional.cross_entropy(m(idx).flatten(0, 1), idx.flatten()).backward()
-    for a, b in zip(linear_weights(model), linear_weights(plain)):
-        assert torch.allclose(a.grad, b.grad, atol=1e-5)
 
 
 def test_bf16_inference_close_to_fp32():

@@ -9,6 +9,7 @@ Shapes: B batch, T tokens, E emb_dim, H heads, D = E // H, V vocab_size.
 from __future__ import annotations
 
 import math
+import platform
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,32 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, (x.shape[-1],), self.scale, self.shift, self.eps)
 
 
+# oneDNN's matmul (PyTorch's internal `mkldnn::_linear_pointwise` op) on x86 CPUs.
+_ONEDNN_LINEAR = (platform.machine().lower() in ("x86_64", "amd64")
+                  and torch.backends.mkldnn.is_available()
+                  and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` (same parameters, same `state_dict`) that infers through oneDNN on x86 CPUs.
+
+    Decoding one token multiplies a vector by every weight matrix, so its speed is
+    how fast the weights stream from memory. For fp32 PyTorch calls MKL, which
+    streams 13-26 GB/s on the AMD CPUs we measured; oneDNN's matmul streams 28-35,
+    close to the copy bandwidth, and is no slower for batches (benchmarks/README.md).
+    It has no backward, so whenever autograd is recording this is plain `F.linear`,
+    and so it is under `torch.compile`, which picks its own kernels.
+    `torch.backends.mkldnn.enabled = False` turns it off.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (_ONEDNN_LINEAR and not torch.is_grad_enabled() and x.device.type == "cpu"
+                and x.dtype == self.weight.dtype == torch.float32
+                and torch.backends.mkldnn.enabled and not torch.compiler.is_compiling()):
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+
 class GELU(nn.Module):
     """GPT-2's GELU: the tanh approximation, not the exact erf form."""
 
@@ -44,9 +71,9 @@ class FeedForward(nn.Module):
         super().__init__()
         cfg = as_config(cfg)
         self.layers = nn.Sequential(
-            nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim),
+            Linear(cfg.emb_dim, 4 * cfg.emb_dim),
             GELU(),
-            nn.Linear(4 * cfg.emb_dim, cfg.emb_dim),
+            Linear(4 * cfg.emb_dim, cfg.emb_dim),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -115,10 +142,10 @@ class MultiHeadAttention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = d_out // num_heads
         self.dropout = dropout
-        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.out_proj = nn.Linear(d_out, d_out)
+        self.W_query = Linear(d_in, d_out, bias=qkv_bias)
+        self.W_key = Linear(d_in, d_out, bias=qkv_bias)
+        self.W_value = Linear(d_in, d_out, bias=qkv_bias)
+        self.out_proj = Linear(d_out, d_out)
         # True above the diagonal = "may not attend". Kept as a buffer (as in the
         # seed) so seed state_dicts load unchanged; used when cached decoding feeds
         # several new tokens at once.
@@ -188,7 +215,7 @@ class GPTModel(nn.Module):
         self.drop_emb = nn.Dropout(cfg.drop_rate)
         self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg.n_layers)])
         self.final_norm = LayerNorm(cfg.emb_dim)
-        self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+        self.out_head = Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         if cfg.tie_weights:
             self.out_head.weight = self.tok_emb.weight
         self.apply(self._init_weights)
@@ -198,16 +225,6 @@ class GPTModel(nn.Module):
         for block in self.trf_blocks:
             nn.init.normal_(block.att.out_proj.weight, mean=0.0, std=residual_std)
             nn.init.normal_(block.ff.layers[2].weight, mean=0.0, std=residual_std)
-        # Store each Linear weight transposed in memory: shape [out, in] as usual (same
-        # state_dict, same values), but laid out as [in, out] like GPT-2's Conv1D.
-        # Decoding one token multiplies a vector by every weight, and BLAS streams
-        # x @ W^T about 1.25x faster from this layout on CPU (benchmarks/README.md);
-        # batched matmuls do not mind. load_state_dict and copy_ keep the layout;
-        # assigning a new Parameter does not, which is only slower. A tied head
-        # stays the embedding table.
-        for module in self.modules():
-            if isinstance(module, nn.Linear) and module.weight is not self.tok_emb.weight:
-                module.weight = nn.Parameter(module.weight.detach().t().contiguous().t())
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import gc
+import io
 import warnings
 
 import pytest
@@ -46,6 +48,51 @@ def test_inference_goes_through_onednn_and_equals_f_linear(shape, bias):
         want = F.linear(x, layer.weight, layer.bias)
     assert got.shape == want.shape
     assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+
+
+@needs_onednn
+def test_bf16_inference_uses_packed_weights_that_follow_every_change():
+    layer = Linear(64, 96).to(torch.bfloat16)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+
+    def check():
+        with torch.no_grad():
+            got = layer(x).float()
+            want = F.linear(x.float(), layer.weight.float(), layer.bias.float())
+        assert (got - want).abs().max().item() <= 0.02 * want.abs().max().item()  # bf16 rounding
+
+    with torch.no_grad():
+        assert "mkldnn::_reorder_linear_weight" in ops_run(lambda: layer(x))
+        assert "mkldnn::_reorder_linear_weight" not in ops_run(lambda: layer(x))  # packed once
+    check()
+    layer.load_state_dict({"weight": torch.randn(96, 64), "bias": torch.randn(96)})  # in place
+    check()
+    with torch.no_grad():
+        layer.weight.mul_(-2)
+    check()
+    layer.weight.data = torch.randn(96, 64).to(torch.bfloat16)  # new storage, same Parameter
+    check()
+
+
+@needs_onednn
+def test_packed_weights_stay_out_of_copies_and_saves_and_go_with_the_model():
+    from scratchgpt.model import _PACKED
+
+    gc.collect()
+    before = len(_PACKED)
+    model = sharp_model(seed=7).to(torch.bfloat16).eval()
+    idx = torch.randint(0, 384, (1, 8), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = model(idx)
+    assert len(_PACKED) == before + 2 * 6 + 1  # one per Linear
+    twin = copy.deepcopy(model)
+    torch.save(model.state_dict(), io.BytesIO())
+    with torch.no_grad():
+        assert torch.equal(twin(idx), want)
+    assert len(_PACKED) == before + 2 * (2 * 6 + 1)
+    del model, twin
+    gc.collect()
+    assert len(_PACKED) == before
 
 
 @needs_onednn

@@ -14,6 +14,7 @@ import platform
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .config import ConfigLike, GPTConfig, as_config
 
@@ -34,7 +35,8 @@ class LayerNorm(nn.Module):
 # oneDNN's matmul (PyTorch's internal `mkldnn::_linear_pointwise` op) on x86 CPUs.
 _ONEDNN_LINEAR = (platform.machine().lower() in ("x86_64", "amd64")
                   and torch.backends.mkldnn.is_available()
-                  and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+                  and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+                  and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
 class Linear(nn.Linear):
@@ -43,18 +45,42 @@ class Linear(nn.Linear):
     Decoding one token multiplies a vector by every weight matrix, so its speed is
     how fast the weights stream from memory. For fp32 PyTorch calls MKL, which
     streams 13-26 GB/s on the AMD CPUs we measured; oneDNN's matmul streams 28-35,
-    close to the copy bandwidth, and is no slower for batches (benchmarks/README.md).
-    It has no backward, so whenever autograd is recording this is plain `F.linear`,
-    and so it is under `torch.compile`, which picks its own kernels.
+    close to the copy bandwidth, and is no slower for batches. bf16 weights stream
+    well only once reordered into oneDNN's blocked layout, so that copy is kept
+    beside them (see `_packed_bf16`). Measured in benchmarks/README.md.
+    oneDNN has no backward here, so whenever autograd is recording this is plain
+    `F.linear`, and so it is under `torch.compile`, which picks its own kernels.
     `torch.backends.mkldnn.enabled = False` turns it off.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (_ONEDNN_LINEAR and not torch.is_grad_enabled() and x.device.type == "cpu"
-                and x.dtype == self.weight.dtype == torch.float32
+                and x.dtype == self.weight.dtype and x.dtype in (torch.float32, torch.bfloat16)
                 and torch.backends.mkldnn.enabled and not torch.compiler.is_compiling()):
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+            weight = self.weight if x.dtype == torch.float32 else _packed_bf16(self.weight)
+            return torch.ops.mkldnn._linear_pointwise(x, weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
+
+
+_PACKED: WeakIdKeyDictionary = WeakIdKeyDictionary()  # bf16 weight -> ((data_ptr, _version), packed copy)
+
+
+def _packed_bf16(weight: torch.Tensor) -> torch.Tensor:
+    """`weight` in oneDNN's blocked layout, made once and remade when the weight changes.
+
+    Kept outside the module (keyed weakly by the weight) so that copying, saving
+    and `state_dict` never see the opaque tensor, and it goes when the weight goes.
+    It doubles the memory of bf16 weights while they are used for inference.
+    A change is seen through the tensor's version counter (bumped by every in-place
+    op: `load_state_dict`, `copy_`, optimizer steps) or a new storage; writes
+    through `weight.data` bypass the counter, so they must assign new storage.
+    """
+    stamp = (weight.data_ptr(), weight._version)
+    cached = _PACKED.get(weight)
+    if cached is None or cached[0] != stamp:
+        cached = (stamp, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1))  # 1: for 1-row inputs
+        _PACKED[weight] = cached
+    return cached[1]
 
 
 class GELU(nn.Module):

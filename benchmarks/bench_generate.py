@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from common import (copy_bandwidth_gbs, hf_model_from_gpt, interleaved, machine_line, median,
+from common import (copy_probe, hf_model_from_gpt, interleaved, machine_line, median,
                     seed_model_from_gpt, setup_threads)
 import seed_reference
 from scratchgpt import GPTModel, generate, gpt2_config
@@ -79,16 +79,19 @@ def main() -> None:
         outputs["seed"] = seed_reference.generate(seed, prompt, n, context_size=ctx)
 
     # ---------------------------------------------------------------- generation
-    times = interleaved({"scratchgpt": ours, "hf": theirs}, repeats=args.repeats)
+    copy, copy_bytes = copy_probe()  # the bandwidth, sampled in every round beside the contenders
+    cached = {"scratchgpt": ours, "hf": theirs, "copy": copy}
+    times = interleaved(cached, repeats=args.repeats)
     if not args.no_seed:
         # the seed loop is slow: time it between extra cached runs so it sees the same machine
         times["seed"] = interleaved({"seed": seed_loop}, repeats=args.seed_repeats, warmup=0)["seed"]
-        more = interleaved({"scratchgpt": ours, "hf": theirs}, repeats=1, warmup=0)
+        more = interleaved(cached, repeats=1, warmup=0)
         for k, v in more.items():
             times[k] += v
+    samples = sorted(copy_bytes / t / 1e9 for t in times.pop("copy"))
     tps = {k: n / median(v) for k, v in times.items()}
 
-    bandwidth = copy_bandwidth_gbs()
+    bandwidth = median(samples)
     wbytes = weight_bytes_per_token(model)
     limit = bandwidth * 1e9 / wbytes
     same = all(torch.equal(outputs["scratchgpt"], o) for o in outputs.values())
@@ -105,7 +108,8 @@ def main() -> None:
         print(f"{label:<34}{tps[key]:>10.2f}{tps[key] / tps['hf']:>7.2f}x{vs_seed:>9}"
               f"{tps[key] / limit:>9.0%}")
     print(f"bandwidth limit: {wbytes / 1e6:.0f} MB of weights per token / {bandwidth:.1f} GB/s copy "
-          f"bandwidth = {limit:.1f} tokens/s")
+          f"bandwidth = {limit:.1f} tokens/s (copy bandwidth: median of {len(samples)} samples taken "
+          f"between the runs, range {samples[0]:.1f}..{samples[-1]:.1f} GB/s)")
     print(f"greedy tokens identical across contenders: {'yes' if same else 'NO'}")
 
     # ---------------------------------------------------------------- forward pass

@@ -61,17 +61,20 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
-def copy_bandwidth_gbs(mib: int = 512, repeats: int = 7) -> float:
-    """Memory bandwidth seen by a large tensor copy: (bytes read + bytes written) / time."""
+def copy_probe(mib: int = 512, copies: int = 5) -> tuple[Callable[[], object], int]:
+    """A function that copies a `mib` MiB tensor `copies` times, and the bytes it moves
+    (read + written). Timed among the contenders by `interleaved`, it samples the copy
+    bandwidth the machine offered while they ran: on these shared machines it drifts,
+    and now and then reads 1.5x its usual value for a few seconds, so one sample taken
+    after the runs can be far off the bandwidth they saw."""
     src = torch.ones(mib * 2**20 // 4)
     dst = torch.empty_like(src)
-    dst.copy_(src)
-    best = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        dst.copy_(src)
-        best.append(time.perf_counter() - start)
-    return 2 * src.numel() * 4 / median(best) / 1e9
+
+    def copy() -> None:
+        for _ in range(copies):
+            dst.copy_(src)
+
+    return copy, 2 * src.numel() * src.element_size() * copies
 
 
 def matmul_peak_gflops(dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 7) -> float:

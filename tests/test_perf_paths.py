@@ -106,6 +106,13 @@ def test_training_uses_f_linear_and_gets_exact_gradients():
     assert torch.allclose(x.grad, expected, atol=1e-6)
 
 
+def test_autocast_still_casts_inference_to_bf16():
+    layer = Linear(64, 96)
+    x = torch.randn(2, 64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(x).dtype == torch.bfloat16
+
+
 @needs_onednn
 def test_onednn_can_be_switched_off():
     layer = Linear(64, 96)

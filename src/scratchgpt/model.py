@@ -49,14 +49,16 @@ class Linear(nn.Linear):
     well only once reordered into oneDNN's blocked layout, so that copy is kept
     beside them (see `_packed_bf16`). Measured in benchmarks/README.md.
     oneDNN has no backward here, so whenever autograd is recording this is plain
-    `F.linear`, and so it is under `torch.compile`, which picks its own kernels.
+    `F.linear`; so it is under autocast, which casts only the ops it knows, and
+    under `torch.compile`, which picks its own kernels.
     `torch.backends.mkldnn.enabled = False` turns it off.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (_ONEDNN_LINEAR and not torch.is_grad_enabled() and x.device.type == "cpu"
                 and x.dtype == self.weight.dtype and x.dtype in (torch.float32, torch.bfloat16)
-                and torch.backends.mkldnn.enabled and not torch.compiler.is_compiling()):
+                and not torch.is_autocast_enabled("cpu") and torch.backends.mkldnn.enabled
+                and not torch.compiler.is_compiling()):
             weight = self.weight if x.dtype == torch.float32 else _packed_bf16(self.weight)
             return torch.ops.mkldnn._linear_pointwise(x, weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)

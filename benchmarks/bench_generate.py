@@ -79,8 +79,8 @@ def main() -> None:
         outputs["seed"] = seed_reference.generate(seed, prompt, n, context_size=ctx)
 
     # ---------------------------------------------------------------- generation
-    probe, probe_bytes = copy_probe()  # the bandwidth, sampled in every round beside the contenders
-    cached = {"scratchgpt": ours, "hf": theirs, "copy": probe}
+    copy_run, copy_bytes = copy_probe()  # the bandwidth, sampled in every round beside the contenders
+    cached = {"scratchgpt": ours, "hf": theirs, "copy": copy_run}
     times = interleaved(cached, repeats=args.repeats)
     if not args.no_seed:
         # the seed loop is slow: time it between extra cached runs so it sees the same machine
@@ -88,7 +88,7 @@ def main() -> None:
         more = interleaved(cached, repeats=1, warmup=0)
         for k, v in more.items():
             times[k] += v
-    samples = sorted(probe_bytes / t / 1e9 for t in times.pop("copy"))
+    samples = sorted(copy_bytes / t / 1e9 for t in times.pop("copy"))
     tps = {k: n / median(v) for k, v in times.items()}
 
     bandwidth = median(samples)

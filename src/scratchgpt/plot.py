@@ -20,17 +20,15 @@ def plot_losses(tokens_seen: Sequence[int], train_losses: Sequence[float], val_l
     """Write a PNG of both loss curves to `path` (atomically); False when matplotlib is missing."""
     global _warned
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # no display needed
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure  # not pyplot: no global backend or figure registry
     except ImportError:
         if not _warned:
             warnings.warn("matplotlib is not installed: skipping the loss plot (pip install matplotlib)",
                           stacklevel=2)
             _warned = True
         return False
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     ax.plot(tokens_seen, train_losses, label="train loss")
     ax.plot(tokens_seen, val_losses, linestyle="-.", label="val loss")
     ax.set_xlabel("tokens seen")
@@ -40,5 +38,4 @@ def plot_losses(tokens_seen: Sequence[int], train_losses: Sequence[float], val_l
     fig.tight_layout()
     with atomic_write(path) as f:
         fig.savefig(f, format="png", dpi=100)
-    plt.close(fig)
     return True

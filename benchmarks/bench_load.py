@@ -22,8 +22,9 @@ from pathlib import Path
 CHILD = r"""
 import json, resource, sys, time
 import torch
-from scratchgpt.gpt2.load import (gpt2_config_from_hparams, gpt2_model_for_weights, load_gpt2_params_from_tf_ckpt,
-                                  load_weights_into_gpt, read_hparams)
+from scratchgpt.gpt2.load import (gpt2_config_from_hparams, load_gpt2_params_from_tf_ckpt, load_weights_into_gpt,
+                                  read_hparams)
+from scratchgpt.model import empty_model
 torch.set_num_threads(int(sys.argv[2]))
 folder = sys.argv[1]
 rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -31,7 +32,7 @@ start = time.perf_counter()
 settings = read_hparams(folder)
 params = load_gpt2_params_from_tf_ckpt(folder, settings)
 read = time.perf_counter()
-model = gpt2_model_for_weights(gpt2_config_from_hparams(settings))
+model = empty_model(gpt2_config_from_hparams(settings))
 built = time.perf_counter()
 load_weights_into_gpt(model, params)
 done = time.perf_counter()

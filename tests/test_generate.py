@@ -151,6 +151,14 @@ def test_float_ids_are_a_type_error():
         generate(sharp_model(), prompt().float(), 3, 32)
 
 
+@pytest.mark.parametrize("bad", [384, -1])
+def test_ids_outside_the_vocabulary_are_named(bad):
+    idx = prompt()
+    idx[0, 2] = bad
+    with pytest.raises(ValueError, match=f"token id {bad} is outside the model's vocabulary of 384"):
+        generate(sharp_model(), idx, 3, 32)
+
+
 def test_zero_new_tokens_returns_the_prompt():
     idx = prompt()
     assert torch.equal(generate(sharp_model(), idx, 0, 32), idx)

@@ -12,7 +12,6 @@ from conftest import MINI, gpt2_fixture, shared_path
 from scratchgpt import GPTModel, generate
 from scratchgpt.gpt2.load import (
     gpt2_config_from_hparams,
-    gpt2_model_for_weights,
     load_gpt2,
     load_gpt2_from_folder,
     load_gpt2_params_from_tf_ckpt,
@@ -22,6 +21,7 @@ from scratchgpt.gpt2.load import (
     save_gpt2_tf,
 )
 from scratchgpt.gpt2.tf_checkpoint import TFCheckpointReader, write_tf_checkpoint
+from scratchgpt.model import empty_model
 
 
 
@@ -130,7 +130,7 @@ def test_missing_tensor_is_named(tmp_path):
 
 def test_model_for_weights_is_filled_by_the_loader(mini_params):
     settings, params = mini_params
-    model = gpt2_model_for_weights(gpt2_config_from_hparams(settings))
+    model = empty_model(gpt2_config_from_hparams(settings))
     load_weights_into_gpt(model, params)
     reference = build(settings)
     load_weights_into_gpt(reference, params)

@@ -19,7 +19,7 @@ from torch import nn
 
 from .config import GPTConfig
 from .fileio import atomic_write
-from .model import GPTModel
+from .model import GPTModel, empty_model
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -118,8 +118,8 @@ def load_model_from_checkpoint(path: str | os.PathLike, device: str | torch.devi
     cfg = config if config is not None else (state.get("config") if isinstance(state, dict) else None)
     if cfg is None:
         raise ValueError(f"{path}: stores no model config; pass the config the model was built with")
-    model = GPTModel(cfg)
+    model = empty_model(cfg, device)  # every parameter is loaded below: no random init
     weights = _model_state(state, path)
     check_state_dict(model, weights, str(path))
     model.load_state_dict(weights)
-    return model.to(device).eval()
+    return model

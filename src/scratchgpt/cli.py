@@ -25,8 +25,8 @@ from .generate import generate_stream
 from .gpt2.convert import FORMATS, convert
 from .gpt2.download import download_gpt2_files
 from .gpt2.hf import load_hf_gpt2
-from .gpt2.load import gpt2_model_for_weights, load_gpt2, tokenizer_for_folder
-from .model import GPTModel, count_parameters
+from .gpt2.load import load_gpt2, tokenizer_for_folder
+from .model import GPTModel, count_parameters, empty_model
 from .tokenizer import ENDOFTEXT, ENDOFTEXT_ID, get_tokenizer, provision_vocab
 from .train import TrainConfig, Trainer
 
@@ -213,7 +213,7 @@ def _train_model(args: argparse.Namespace, vocab_size: int) -> tuple[GPTModel, o
         kwargs = {"models_dir": args.models_dir} if args.models_dir else {}
         model, tokenizer = load_gpt2(source, device="cpu", **kwargs)
         if "drop_rate" in overrides:  # GPT-2 loads with dropout off; fine-tuning may want it back
-            tuned = gpt2_model_for_weights({**model.cfg.to_dict(), "drop_rate": overrides["drop_rate"]})
+            tuned = empty_model({**model.cfg.to_dict(), "drop_rate": overrides["drop_rate"]})
             tuned.load_state_dict(model.state_dict())  # every weight: no random initialisation needed
             model = tuned
         return model, tokenizer

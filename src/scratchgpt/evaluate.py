@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import unwrap_model
 from .devices import resolve_dtype
-from .model import GPTModel
+from .model import GPTModel, check_token_ids
 
 IGNORE = -100  # target of a position whose prediction is not scored
 
@@ -169,9 +169,8 @@ def evaluate_perplexity(model: torch.nn.Module, token_ids: torch.Tensor | Sequen
     if num_words is not None and num_words < 1:
         raise ValueError(f"num_words must be a positive word count, got {num_words}")
     windows = sliding_windows(len(ids), context_size, stride)  # validates length, context and stride
-    if cfg is not None and (int(ids.min()) < 0 or int(ids.max()) >= cfg.vocab_size):
-        bad = int(ids.max()) if int(ids.max()) >= cfg.vocab_size else int(ids.min())
-        raise ValueError(f"token id {bad} is outside the model's vocabulary of {cfg.vocab_size}")
+    if cfg is not None:
+        check_token_ids(ids, cfg.vocab_size)
 
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")

@@ -14,7 +14,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .model import KVCache
+from .model import KVCache, check_token_ids
 
 
 def _check_options(max_new_tokens: int, context_size: int, temperature: float,
@@ -79,9 +79,7 @@ def generate_stream(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, co
         raise TypeError(f"idx must be an integer tensor of token ids, got dtype {idx.dtype}")
     if idx.dim() != 2 or idx.shape[1] == 0:
         raise ValueError(f"idx must have shape [batch, tokens] with at least one token, got {tuple(idx.shape)}")
-    vocab_size = model.cfg.vocab_size
-    if int(idx.min()) < 0 or int(idx.max()) >= vocab_size:
-        raise ValueError(f"token ids must be in [0, {vocab_size}), got ids from {int(idx.min())} to {int(idx.max())}")
+    check_token_ids(idx, model.cfg.vocab_size)
     limit = model.cfg.context_length
     if context_size > limit:
         raise ValueError(f"context_size={context_size} exceeds the model's context_length={limit}")

@@ -14,6 +14,7 @@ import platform
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .config import ConfigLike, GPTConfig, as_config
@@ -291,6 +292,38 @@ class GPTModel(nn.Module):
         x = x[:, logits_from:, :]  # [B, T', E]: only the positions whose logits are needed
         x = self.final_norm(x)
         return self.out_head(x)  # [B, T', V]
+
+
+class _SkipRandomInit(TorchFunctionMode):
+    """Skip the random initialisation of weights that are about to be overwritten anyway."""
+
+    SKIPPED = {nn.init.normal_, nn.init.uniform_, nn.init.trunc_normal_, nn.init.kaiming_uniform_,
+               nn.init.kaiming_normal_, nn.init.xavier_uniform_, nn.init.xavier_normal_,
+               torch.Tensor.normal_, torch.Tensor.uniform_}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.SKIPPED:
+            return args[0] if args else kwargs["tensor"]  # the tensor, left as allocated
+        return func(*args, **(kwargs or {}))
+
+
+def empty_model(cfg: ConfigLike, device: str | torch.device = "cpu") -> GPTModel:
+    """A GPTModel on `device` in eval mode, its parameters allocated but not randomly initialised.
+
+    For loaders that then write every parameter (and check that they did): drawing
+    the random values is wasted work, seconds for the larger GPT-2 sizes on a CPU.
+    """
+    with torch.device(device), _SkipRandomInit():
+        return GPTModel(cfg).eval()
+
+
+def check_token_ids(ids: torch.Tensor, vocab_size: int) -> None:
+    """Raise a ValueError naming an id outside [0, vocab_size): the embedding lookup it would
+    reach fails with an IndexError that names neither the id nor the vocabulary."""
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= vocab_size:
+        bad = high if high >= vocab_size else low
+        raise ValueError(f"token id {bad} is outside the model's vocabulary of {vocab_size}")
 
 
 def count_parameters(model: GPTModel) -> dict[str, int]:

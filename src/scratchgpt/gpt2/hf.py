@@ -21,8 +21,8 @@ from safetensors import safe_open
 from safetensors.numpy import save
 
 from ..fileio import atomic_write
-from ..model import GPTModel
-from .load import Params, gpt2_model_for_weights, load_weights_into_gpt, params_from_gpt
+from ..model import GPTModel, empty_model
+from .load import Params, load_weights_into_gpt, params_from_gpt
 
 # HF GPT-2 module path -> our params path, per layer and at the top.
 LAYER_NAMES = {
@@ -106,7 +106,7 @@ def load_hf_gpt2(folder: str | os.PathLike, device: str | torch.device = "cpu") 
         tensors = {name: f.get_tensor(name).to(torch.float32).numpy() for name in f.keys()}
     params = params_from_hf_tensors(tensors, cfg["n_layers"], str(weights_path))
     head = tensors.get("lm_head.weight")  # used only when the config unties it, as transformers does
-    model = gpt2_model_for_weights(cfg, device)
+    model = empty_model(cfg, device)
     load_weights_into_gpt(model, params)
     if not cfg["tie_weights"]:
         if head is None:

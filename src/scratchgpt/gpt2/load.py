@@ -23,11 +23,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.overrides import TorchFunctionMode
 
 from ..config import GPT2_SIZES
 from ..fileio import atomic_write
-from ..model import GPTModel
+from ..model import GPTModel, empty_model
 from ..tokenizer import get_tokenizer
 from .download import download_gpt2_files
 from .tf_checkpoint import TFCheckpointReader, checkpoint_prefix, release_pages, write_tf_checkpoint
@@ -113,32 +112,6 @@ def load_gpt2_params_from_tf_ckpt(ckpt_path: str | os.PathLike, settings: dict[s
     names = tf_tensor_names(settings["n_layer"])
     tensors = {name: reader[name] for name in names if name in reader}
     return params_from_tf_tensors(tensors, settings["n_layer"], str(reader.index_path))
-
-
-class _SkipRandomInit(TorchFunctionMode):
-    """Skip the random initialisation of weights that are about to be overwritten anyway.
-
-    Drawing 124M normal samples takes seconds on a laptop CPU; the loader
-    checks that it writes every parameter, so none is left uninitialised.
-    """
-
-    SKIPPED = {torch.nn.init.normal_, torch.nn.init.uniform_, torch.nn.init.trunc_normal_,
-               torch.nn.init.kaiming_uniform_, torch.nn.init.kaiming_normal_, torch.nn.init.xavier_uniform_,
-               torch.nn.init.xavier_normal_, torch.Tensor.normal_, torch.Tensor.uniform_}
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in self.SKIPPED:
-            return args[0] if args else kwargs["tensor"]  # the tensor, left as allocated
-        return func(*args, **(kwargs or {}))
-
-
-def gpt2_model_for_weights(cfg: dict[str, Any], device: str | torch.device = "cpu") -> GPTModel:
-    """A GPTModel on `device` in eval mode, its parameters allocated but not randomly initialised.
-
-    Only for filling with `load_weights_into_gpt` (which refuses to leave a parameter unwritten).
-    """
-    with torch.device(device), _SkipRandomInit():
-        return GPTModel(cfg).eval()
 
 
 def _assign(param: torch.Tensor, array: np.ndarray, what: str, transpose: bool = False) -> None:
@@ -264,7 +237,7 @@ def load_gpt2_from_folder(folder: str | os.PathLike, device: str | torch.device 
     """A ready GPTModel (eval mode, on `device`) from an OpenAI GPT-2 model folder."""
     settings = read_hparams(folder)
     params = load_gpt2_params_from_tf_ckpt(checkpoint_prefix(folder), settings)
-    model = gpt2_model_for_weights(gpt2_config_from_hparams(settings), device)
+    model = empty_model(gpt2_config_from_hparams(settings), device)
     load_weights_into_gpt(model, params)
     return model
 

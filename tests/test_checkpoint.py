@@ -62,6 +62,13 @@ def test_files_written_here_load_with_the_seed_code(tmp_path):
     assert _models_equal(load_model_from_checkpoint(tmp_path / "model_and_optimizer.pth"), model)
 
 
+def test_a_broken_config_beside_a_state_dict_is_named(tmp_path):
+    save_model(tmp_path / "model.pth", GPTModel(tiny_config()))
+    (tmp_path / "model.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"model\.json: not a JSON model config"):
+        load_model_from_checkpoint(tmp_path / "model.pth")
+
+
 def test_checkpoint_of_another_config_lists_mismatches(tmp_path):
     save_checkpoint(tmp_path / "small.pt", GPTModel(tiny_config()))
     with pytest.raises(ValueError) as wider:

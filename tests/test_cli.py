@@ -9,7 +9,8 @@ import sys
 import pytest
 import torch
 
-from scratchgpt import GPTModel, save_checkpoint
+from scratchgpt import GPTModel, load_model_from_checkpoint, save_checkpoint
+from scratchgpt.checkpoint import save_model
 
 
 def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -33,6 +34,22 @@ def test_generate_from_a_checkpoint_streams_the_continuation(tokenizer, small_ch
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("Every effort moves you")
     assert len(tokenizer.encode(result.stdout.rstrip("\n"), allowed_special="all")) > 4
+
+
+def test_generate_from_the_seed_model_pth_finds_its_config_beside_it(tmp_path, tokenizer, small_checkpoint):
+    model = load_model_from_checkpoint(small_checkpoint)
+    save_model(tmp_path / "model.pth", model)
+    assert (tmp_path / "model.json").is_file()
+    args = ("generate", "--max-new-tokens", "6", "--device", "cpu", "Every effort moves you")
+    from_pth, from_pt = run_cli(*args, "--checkpoint", str(tmp_path / "model.pth")), \
+        run_cli(*args, "--checkpoint", str(small_checkpoint))
+    assert from_pth.returncode == 0, from_pth.stderr
+    assert from_pth.stdout == from_pt.stdout  # same weights, same greedy tokens
+
+    (tmp_path / "model.json").unlink()
+    lost = run_cli(*args, "--checkpoint", str(tmp_path / "model.pth"))
+    assert lost.returncode != 0
+    assert "stores no model config and has no model.json beside it" in lost.stderr
 
 
 def test_generate_reads_the_prompt_from_stdin_and_samples_reproducibly(tokenizer, small_checkpoint):

@@ -89,7 +89,7 @@ def test_tiny_model_learns_real_text(tmp_path):
     assert result.losses[0] > 0.9 * uniform
     assert result.train_loss < 0.55 * uniform and result.val_loss < 0.6 * uniform, result
     run = tmp_path / "run"
-    for name in ("last.pt", "best.pt", "model.pth", "metrics.jsonl", "loss.png"):
+    for name in ("last.pt", "best.pt", "model.pth", "model.json", "metrics.jsonl", "loss.png"):
         assert (run / name).is_file(), name
     assert safe_load(run / "last.pt")["step"] == 150
 

@@ -10,6 +10,7 @@ anything but tensors and plain containers.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -64,9 +65,19 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module,
     atomic_save(state, path)
 
 
+def config_beside(path: str | os.PathLike) -> Path:
+    """Where `save_model` puts the config of a bare state dict: same name, `.json` (model.pth -> model.json)."""
+    return Path(path).with_suffix(".json")
+
+
 def save_model(path: str | os.PathLike, model: nn.Module) -> None:
-    """The seed's `model.pth`: the bare state dict, written atomically."""
-    atomic_save(unwrap_model(model).state_dict(), path)
+    """The seed's `model.pth`: the bare state dict, written atomically, and the model's
+    seed-style config beside it (`config_beside`) so that the file can be loaded on its own."""
+    model = unwrap_model(model)
+    atomic_save(model.state_dict(), path)
+    if isinstance(getattr(model, "cfg", None), GPTConfig):
+        with atomic_write(config_beside(path)) as f:
+            f.write(json.dumps(model.cfg.to_dict(), indent=2).encode() + b"\n")
 
 
 def check_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
@@ -112,12 +123,20 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module,
 
 def load_model_from_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
                                config: dict[str, Any] | None = None) -> GPTModel:
-    """Build a GPTModel from a checkpoint's stored `config` (or `config`) and load its weights."""
+    """Build a GPTModel from `config`, else the checkpoint's stored config, else the JSON
+    config `save_model` wrote beside a bare state dict, and load its weights."""
     path = Path(path)
     state = safe_load(path)
     cfg = config if config is not None else (state.get("config") if isinstance(state, dict) else None)
+    beside = config_beside(path)
+    if cfg is None and beside.is_file():
+        try:
+            cfg = json.loads(beside.read_text())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{beside}: not a JSON model config ({exc})") from None
     if cfg is None:
-        raise ValueError(f"{path}: stores no model config; pass the config the model was built with")
+        raise ValueError(f"{path}: stores no model config and has no {beside.name} beside it; "
+                         f"pass the config the model was built with")
     model = empty_model(cfg, device)  # every parameter is loaded below: no random init
     weights = _model_state(state, path)
     check_state_dict(model, weights, str(path))

@@ -153,7 +153,7 @@ TRAIN_EXAMPLES = """examples:
 def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a GPT on your text (or fine-tune GPT-2)",
                        description="Pre-train a GPT from scratch or fine-tune GPT-2 on text. Writes last.pt,\n"
-                                   "best.pt, model.pth, metrics.jsonl and loss.png to --out-dir. Runs\n"
+                                   "best.pt, model.pth (+ model.json), metrics.jsonl and loss.png to --out-dir.\nRuns "
                                    "unchanged under `torchrun --nproc_per_node N` (DistributedDataParallel).",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=TRAIN_EXAMPLES)
     add_text_source_args(p)
@@ -268,7 +268,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     if trainer.dist.is_main:
         best = "n/a" if result.best_val_loss is None else f"{result.best_val_loss:.3f}"
         print(f"done: step {result.step}, {result.tokens_seen:,} tokens; best val loss "
-              f"{best}; wrote {args.out_dir}/ (last.pt, best.pt, model.pth, loss.png)")
+              f"{best}; wrote {args.out_dir}/ (last.pt, best.pt, model.pth + model.json, loss.png)")
 
 
 def add_prepare_parser(sub: argparse._SubParsersAction) -> None:

@@ -69,6 +69,20 @@ def test_a_broken_config_beside_a_state_dict_is_named(tmp_path):
         load_model_from_checkpoint(tmp_path / "model.pth")
 
 
+def test_a_stale_config_beside_a_state_dict_is_named_in_the_mismatch(tmp_path):
+    save_model(tmp_path / "model.pth", GPTModel(tiny_config()))
+    save_model(tmp_path / "other.pth", GPTModel(tiny_config(emb_dim=64)))
+    (tmp_path / "other.json").replace(tmp_path / "model.json")
+    with pytest.raises(ValueError, match=r"model\.pth \(with the config in model\.json\) does not fit"):
+        load_model_from_checkpoint(tmp_path / "model.pth")
+
+
+def test_save_model_refuses_a_json_name(tmp_path):
+    with pytest.raises(ValueError, match="would be overwritten by the config"):
+        save_model(tmp_path / "weights.json", GPTModel(tiny_config()))
+    assert not list(tmp_path.iterdir())
+
+
 def test_checkpoint_of_another_config_lists_mismatches(tmp_path):
     save_checkpoint(tmp_path / "small.pt", GPTModel(tiny_config()))
     with pytest.raises(ValueError) as wider:

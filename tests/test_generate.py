@@ -10,6 +10,7 @@ from helpers import sharp_model
 from hf_reference import hf_model_from_gpt
 from scratchgpt import generate, generate_stream
 from scratchgpt.generate import filter_top_k, filter_top_p
+from scratchgpt.model import check_token_ids
 
 
 seed_generate = seed_reference.generate  # the walkthrough's loop: re-runs the last context_size tokens
@@ -157,6 +158,10 @@ def test_ids_outside_the_vocabulary_are_named(bad):
     idx[0, 2] = bad
     with pytest.raises(ValueError, match=f"token id {bad} is outside the model's vocabulary of 384"):
         generate(sharp_model(), idx, 3, 32)
+
+
+def test_check_token_ids_accepts_an_empty_batch():
+    check_token_ids(torch.zeros(0, 5, dtype=torch.long), 384)
 
 
 def test_zero_new_tokens_returns_the_prompt():

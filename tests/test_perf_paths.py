@@ -70,8 +70,27 @@ def test_bf16_inference_uses_packed_weights_that_follow_every_change():
     with torch.no_grad():
         layer.weight.mul_(-2)
     check()
-    layer.weight.data = torch.randn(96, 64).to(torch.bfloat16)  # new storage, same Parameter
-    check()
+    for _ in range(20):  # new storage, same Parameter; the freed storage's address comes back
+        layer.weight.data = torch.randn(96, 64).to(torch.bfloat16)
+        check()
+        layer.weight.data = torch.randn(96, 64).to(torch.bfloat16)
+        layer.weight.data = torch.randn(96, 64).to(torch.bfloat16)
+        check()
+
+
+@needs_onednn
+def test_bf16_weights_made_in_inference_mode_work_unpacked():
+    from scratchgpt.model import _PACKED
+
+    with torch.inference_mode():
+        model = sharp_model(seed=8).to(torch.bfloat16).eval()
+        idx = torch.randint(0, 384, (1, 8), generator=torch.Generator().manual_seed(4))
+        before = len(_PACKED)
+        got = model(idx).float()
+        assert len(_PACKED) == before  # inference tensors have no version counter to watch
+    with torch.no_grad():
+        want = sharp_model(seed=8).to(torch.bfloat16).eval()(idx.clone()).float()
+    assert (got - want).abs().max().item() <= 0.02 * want.abs().max().item()
 
 
 @needs_onednn
@@ -90,6 +109,8 @@ def test_packed_weights_stay_out_of_copies_and_saves_and_go_with_the_model():
     with torch.no_grad():
         assert torch.equal(twin(idx), want)
     assert len(_PACKED) == before + 2 * (2 * 6 + 1)
+    twin.float()  # leaving bf16 drops the packed copies at once
+    assert len(_PACKED) == before + 2 * 6 + 1
     del model, twin
     gc.collect()
     assert len(_PACKED) == before

@@ -73,6 +73,8 @@ def config_beside(path: str | os.PathLike) -> Path:
 def save_model(path: str | os.PathLike, model: nn.Module) -> None:
     """The seed's `model.pth`: the bare state dict, written atomically, and the model's
     seed-style config beside it (`config_beside`) so that the file can be loaded on its own."""
+    if config_beside(path) == Path(path):
+        raise ValueError(f"{path}: a .json name would be overwritten by the config; use e.g. model.pth")
     model = unwrap_model(model)
     atomic_save(model.state_dict(), path)
     if isinstance(getattr(model, "cfg", None), GPTConfig):
@@ -129,16 +131,18 @@ def load_model_from_checkpoint(path: str | os.PathLike, device: str | torch.devi
     state = safe_load(path)
     cfg = config if config is not None else (state.get("config") if isinstance(state, dict) else None)
     beside = config_beside(path)
+    source = str(path)
     if cfg is None and beside.is_file():
         try:
             cfg = json.loads(beside.read_text())
         except (ValueError, UnicodeDecodeError) as exc:
             raise ValueError(f"{beside}: not a JSON model config ({exc})") from None
+        source = f"{path} (with the config in {beside.name})"
     if cfg is None:
         raise ValueError(f"{path}: stores no model config and has no {beside.name} beside it; "
                          f"pass the config the model was built with")
     model = empty_model(cfg, device)  # every parameter is loaded below: no random init
     weights = _model_state(state, path)
-    check_state_dict(model, weights, str(path))
+    check_state_dict(model, weights, source)
     model.load_state_dict(weights)
     return model

@@ -14,6 +14,7 @@ import platform
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -49,23 +50,36 @@ class Linear(nn.Linear):
     close to the copy bandwidth, and is no slower for batches. bf16 weights stream
     well only once reordered into oneDNN's blocked layout, so that copy is kept
     beside them (see `_packed_bf16`). Measured in benchmarks/README.md.
-    oneDNN has no backward here, so whenever autograd is recording this is plain
-    `F.linear`; so it is under autocast, which casts only the ops it knows, and
-    under `torch.compile`, which picks its own kernels.
-    `torch.backends.mkldnn.enabled = False` turns it off.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (_ONEDNN_LINEAR and not torch.is_grad_enabled() and x.device.type == "cpu"
-                and x.dtype == self.weight.dtype and x.dtype in (torch.float32, torch.bfloat16)
-                and not torch.is_autocast_enabled("cpu") and torch.backends.mkldnn.enabled
-                and not torch.compiler.is_compiling()):
+        if _onednn_serves(x, self.weight):
             weight = self.weight if x.dtype == torch.float32 else _packed_bf16(self.weight)
             return torch.ops.mkldnn._linear_pointwise(x, weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
+    def _apply(self, fn, recurse=True):
+        _PACKED.pop(self.weight, None)  # .to(), .float(), .cuda() ...: a packed bf16 copy is stale
+        return super()._apply(fn, recurse)
 
-_PACKED: WeakIdKeyDictionary = WeakIdKeyDictionary()  # bf16 weight -> ((data_ptr, _version), packed copy)
+
+def _onednn_serves(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether oneDNN computes this product: CPU inference in fp32 or bf16.
+
+    oneDNN has no backward here, so with grad mode on this is `F.linear` (even for
+    frozen weights); so it is under autocast, which casts only the ops it knows,
+    and under `torch.compile`, which picks its own kernels.
+    `torch.backends.mkldnn.enabled = False` turns it off.
+    """
+    return (_ONEDNN_LINEAR and not torch.is_grad_enabled()
+            and x.device.type == weight.device.type == "cpu"
+            and x.dtype == weight.dtype and x.dtype in (torch.float32, torch.bfloat16)
+            and not torch.is_autocast_enabled("cpu") and torch.backends.mkldnn.enabled
+            and not torch.compiler.is_compiling())
+
+
+# bf16 weight -> (_version, weak ref to its storage, data_ptr, packed copy)
+_PACKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def _packed_bf16(weight: torch.Tensor) -> torch.Tensor:
@@ -74,16 +88,22 @@ def _packed_bf16(weight: torch.Tensor) -> torch.Tensor:
     Kept outside the module (keyed weakly by the weight) so that copying, saving
     and `state_dict` never see the opaque tensor, and it goes when the weight goes.
     It doubles the memory of bf16 weights while they are used for inference.
-    A change is seen through the tensor's version counter (bumped by every in-place
-    op: `load_state_dict`, `copy_`, optimizer steps) or a new storage; writes
-    through `weight.data` bypass the counter, so they must assign new storage.
+    A change is seen through the version counter (bumped by every in-place op:
+    `load_state_dict`, `copy_`, optimizer steps) or a new storage (`weight.data = ...`);
+    in-place writes through `weight.data` bypass both and are not seen.
+    Weights made under `torch.inference_mode()` have no version counter: they are
+    used unpacked, at plain bf16 speed.
     """
-    stamp = (weight.data_ptr(), weight._version)
+    if torch.is_inference(weight):
+        return weight
+    storage = StorageWeakRef(weight.untyped_storage())  # held, so no new storage gets its address
     cached = _PACKED.get(weight)
-    if cached is None or cached[0] != stamp:
-        cached = (stamp, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1))  # 1: for 1-row inputs
+    if (cached is None or cached[0] != weight._version or cached[1].expired()
+            or cached[1].cdata != storage.cdata or cached[2] != weight.data_ptr()):
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)  # 1: tuned for 1-row inputs
+        cached = (weight._version, storage, weight.data_ptr(), packed)
         _PACKED[weight] = cached
-    return cached[1]
+    return cached[3]
 
 
 class GELU(nn.Module):
@@ -320,6 +340,8 @@ def empty_model(cfg: ConfigLike, device: str | torch.device = "cpu") -> GPTModel
 def check_token_ids(ids: torch.Tensor, vocab_size: int) -> None:
     """Raise a ValueError naming an id outside [0, vocab_size): the embedding lookup it would
     reach fails with an IndexError that names neither the id nor the vocabulary."""
+    if ids.numel() == 0:
+        return
     low, high = int(ids.min()), int(ids.max())
     if low < 0 or high >= vocab_size:
         bad = high if high >= vocab_size else low

@@ -78,7 +78,7 @@ def _onednn_serves(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and not torch.compiler.is_compiling())
 
 
-# bf16 weight -> (_version, weak ref to its storage, data_ptr, packed copy)
+# bf16 weight -> ((_version, storage address), weak ref to that storage, packed copy)
 _PACKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
@@ -96,14 +96,15 @@ def _packed_bf16(weight: torch.Tensor) -> torch.Tensor:
     """
     if torch.is_inference(weight):
         return weight
-    storage = StorageWeakRef(weight.untyped_storage())  # held, so no new storage gets its address
+    storage = StorageWeakRef(weight.untyped_storage())
+    stamp = (weight._version, storage.cdata)
     cached = _PACKED.get(weight)
-    if (cached is None or cached[0] != weight._version or cached[1].expired()
-            or cached[1].cdata != storage.cdata or cached[2] != weight.data_ptr()):
+    if cached is None or cached[0] != stamp:
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)  # 1: tuned for 1-row inputs
-        cached = (weight._version, storage, weight.data_ptr(), packed)
+        # the weak ref is kept so that no later storage can be given this one's address
+        cached = (stamp, storage, packed)
         _PACKED[weight] = cached
-    return cached[3]
+    return cached[2]
 
 
 class GELU(nn.Module):

@@ -126,3 +126,33 @@ def test_bad_config_and_inputs_name_the_value_and_the_limit():
         model(torch.zeros(1, 33, dtype=torch.long))
     with pytest.raises(TypeError, match=r"integer tensor, got dtype torch.float32"):
         model(torch.zeros(1, 4))
+
+
+def test_ragged_batch_in_one_cache_equals_each_sequence_alone():
+    """Rows of different lengths decode together, each at its own positions (a server's batch)."""
+    from scratchgpt import KVCache
+
+    model = sharp_model(seed=3)
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 384, (1, n), generator=gen) for n in (3, 9, 1, 6)]
+    steps = torch.randint(0, 384, (4, 6), generator=gen)  # the tokens each row is fed next
+    cache = KVCache(model, batch_size=4, max_len=32)
+    with torch.no_grad():
+        for row, prompt in enumerate(prompts):  # prefill each sequence alone into its row
+            model(prompt, cache=cache.rows(row, row + 1))
+        assert cache.lengths == [3, 9, 1, 6]
+        ragged = [model(steps[:, i:i + 1], cache=cache) for i in range(4)]  # 4 decode steps at once
+        cache.set_length(2, 0)  # row 2 leaves; a new sequence of 2 tokens takes its place
+        model(steps[2:3, :2], cache=cache.rows(2, 3))
+        last = model(steps[:, 4:5], cache=cache)
+        for row, prompt in enumerate(prompts):
+            alone = model(torch.cat([prompt, steps[row:row + 1, :4]], dim=1))
+            assert torch.allclose(torch.cat([r[row:row + 1] for r in ragged], dim=1), alone[:, -4:],
+                                  atol=1e-5)
+        again = model(torch.cat([steps[2:3, :2], steps[2:3, 4:5]], dim=1))
+        assert torch.allclose(last[2], again[0, -1:], atol=1e-5)
+    assert cache.lengths == [8, 14, 3, 11]
+    with pytest.raises(ValueError, match="different numbers of positions"):
+        cache.length
+    with pytest.raises(ValueError, match="exceed the KV cache's 32 positions"):
+        model(torch.zeros(4, 20, dtype=torch.long), cache=cache)

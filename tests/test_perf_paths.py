@@ -14,7 +14,7 @@ from torch import nn
 
 from helpers import sharp_model, tiny_config
 from scratchgpt import GPTModel, generate
-from scratchgpt.model import _ONEDNN_LINEAR, Linear
+from scratchgpt.kernels import _ONEDNN_LINEAR, Linear
 
 needs_onednn = pytest.mark.skipif(not _ONEDNN_LINEAR, reason="oneDNN linear is used on x86 CPUs only")
 
@@ -80,7 +80,7 @@ def test_bf16_inference_uses_packed_weights_that_follow_every_change():
 
 @needs_onednn
 def test_bf16_weights_made_in_inference_mode_work_unpacked():
-    from scratchgpt.model import _PACKED
+    from scratchgpt.kernels import _PACKED
 
     with torch.inference_mode():
         model = sharp_model(seed=8).to(torch.bfloat16).eval()
@@ -95,7 +95,7 @@ def test_bf16_weights_made_in_inference_mode_work_unpacked():
 
 @needs_onednn
 def test_packed_weights_stay_out_of_copies_and_saves_and_go_with_the_model():
-    from scratchgpt.model import _PACKED
+    from scratchgpt.kernels import _PACKED
 
     gc.collect()
     before = len(_PACKED)

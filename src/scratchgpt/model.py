@@ -9,16 +9,14 @@ Shapes: B batch, T tokens, E emb_dim, H heads, D = E // H, V vocab_size.
 from __future__ import annotations
 
 import math
-import platform
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.multiprocessing.reductions import StorageWeakRef
 from torch.overrides import TorchFunctionMode
-from torch.utils.weak import WeakIdKeyDictionary
 
 from .config import ConfigLike, GPTConfig, as_config
+from .kernels import Linear  # nn.Linear with fast CPU inference; the plain F.linear is its reference
 
 
 class LayerNorm(nn.Module):
@@ -32,79 +30,6 @@ class LayerNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x, (x.shape[-1],), self.scale, self.shift, self.eps)
-
-
-# oneDNN's matmul (PyTorch's internal `mkldnn::_linear_pointwise` op) on x86 CPUs.
-_ONEDNN_LINEAR = (platform.machine().lower() in ("x86_64", "amd64")
-                  and torch.backends.mkldnn.is_available()
-                  and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-                  and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
-
-
-class Linear(nn.Linear):
-    """`nn.Linear` (same parameters, same `state_dict`) that infers through oneDNN on x86 CPUs.
-
-    Decoding one token multiplies a vector by every weight matrix, so its speed is
-    how fast the weights stream from memory. For fp32 PyTorch calls MKL, which
-    streams 13-26 GB/s on the AMD CPUs we measured; oneDNN's matmul streams 28-35,
-    close to the copy bandwidth, and is no slower for batches. bf16 weights stream
-    well only once reordered into oneDNN's blocked layout, so that copy is kept
-    beside them (see `_packed_bf16`). Measured in benchmarks/README.md.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _onednn_serves(x, self.weight):
-            weight = self.weight if x.dtype == torch.float32 else _packed_bf16(self.weight)
-            return torch.ops.mkldnn._linear_pointwise(x, weight, self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
-
-    def _apply(self, fn, recurse=True):
-        _PACKED.pop(self.weight, None)  # .to(), .float(), .cuda() ...: a packed bf16 copy is stale
-        return super()._apply(fn, recurse)
-
-
-def _onednn_serves(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether oneDNN computes this product: CPU inference in fp32 or bf16.
-
-    oneDNN has no backward here, so with grad mode on this is `F.linear` (even for
-    frozen weights); so it is under autocast, which casts only the ops it knows,
-    and under `torch.compile`, which picks its own kernels.
-    `torch.backends.mkldnn.enabled = False` turns it off.
-    """
-    return (_ONEDNN_LINEAR and not torch.is_grad_enabled()
-            and x.device.type == weight.device.type == "cpu"
-            and x.dtype == weight.dtype and x.dtype in (torch.float32, torch.bfloat16)
-            and not torch.is_autocast_enabled("cpu") and torch.backends.mkldnn.enabled
-            and not torch.compiler.is_compiling())
-
-
-# bf16 weight -> ((_version, storage address), weak ref to that storage, packed copy)
-_PACKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
-
-
-def _packed_bf16(weight: torch.Tensor) -> torch.Tensor:
-    """`weight` in oneDNN's blocked layout, made once and remade when the weight changes.
-
-    Kept outside the module (keyed weakly by the weight) so that copying, saving
-    and `state_dict` never see the opaque tensor, and it goes when the weight goes.
-    It doubles the memory of bf16 weights while they are used for inference.
-    A change is seen through the version counter (bumped by every in-place op:
-    `load_state_dict`, `copy_`, optimizer steps) or a new storage (`weight.data = ...`);
-    in-place writes through `weight.data` bypass both and are not seen.
-    Weights made under `torch.inference_mode()` have no version counter: they are
-    used unpacked, at plain bf16 speed.
-    """
-    if torch.is_inference(weight):
-        return weight
-    storage = StorageWeakRef(weight.untyped_storage())
-    stamp = (weight._version, storage.cdata)
-    cached = _PACKED.get(weight)
-    if cached is None or cached[0] != stamp:
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)  # 1: tuned for 1-row inputs
-        # the weak ref is kept so that no later storage can be given this one's address
-        cached = (stamp, storage, packed)
-        _PACKED[weight] = cached
-    return cached[2]
 
 
 class GELU(nn.Module):
@@ -134,7 +59,13 @@ class KVCache:
     """Keys and values of the positions a model has already seen, one pair per layer.
 
     With it, each new token costs one position of attention instead of a re-run
-    of the whole context. Buffers are allocated once for `max_len` positions.
+    of the whole context. Buffers [B, H, max_len, D] are allocated once.
+
+    Each row (sequence) has its own length: a forward pass appends each row's new
+    tokens after that row's own cached positions, at its own position ids, so
+    sequences of different lengths decode together in one pass (a ragged batch,
+    as a server's continuous batching needs). `rows(i, j)` is a view of rows
+    i..j-1 sharing the buffers and lengths, e.g. to prefill one new sequence.
     """
 
     def __init__(self, model: "GPTModel", batch_size: int, max_len: int):
@@ -145,35 +76,108 @@ class KVCache:
             )
         weight = model.tok_emb.weight
         shape = (batch_size, cfg.n_heads, max_len, cfg.head_dim)
-        self.layers = [
-            LayerKV(torch.empty(shape, dtype=weight.dtype, device=weight.device),
-                    torch.empty(shape, dtype=weight.dtype, device=weight.device))
-            for _ in range(cfg.n_layers)
-        ]
+        self.keys = [torch.empty(shape, dtype=weight.dtype, device=weight.device) for _ in range(cfg.n_layers)]
+        self.values = [torch.empty(shape, dtype=weight.dtype, device=weight.device) for _ in range(cfg.n_layers)]
+        self._lengths = [0] * batch_size  # host-side: shapes and masks need no device sync
+        self._first, self.batch_size, self.max_len = 0, batch_size, max_len
+        self.layers = [LayerKV(self, i) for i in range(cfg.n_layers)]
+        self._step: _Step | None = None
+
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """A view of rows start..stop-1: same buffers, same lengths (writes go through)."""
+        if not 0 <= start < stop <= self.batch_size:
+            raise ValueError(f"rows {start}..{stop} outside a cache of {self.batch_size} rows")
+        view = object.__new__(KVCache)
+        first = self._first + start
+        view.keys = [k[start:stop] for k in self.keys]
+        view.values = [v[start:stop] for v in self.values]
+        view._lengths, view._first = self._lengths, first
+        view.batch_size, view.max_len = stop - start, self.max_len
+        view.layers = [LayerKV(view, i) for i in range(len(view.keys))]
+        view._step = None
+        return view
+
+    @property
+    def lengths(self) -> list[int]:
+        """Cached positions of each row."""
+        return self._lengths[self._first:self._first + self.batch_size]
+
+    def set_length(self, row: int, length: int) -> None:
+        """Forget row `row`'s positions past `length` (0: the row is free for a new sequence)."""
+        if not 0 <= length <= self.max_len:
+            raise ValueError(f"length {length} outside 0..{self.max_len}")
+        self._lengths[self._first + row] = length
 
     @property
     def length(self) -> int:
-        """Number of positions cached so far."""
-        return self.layers[0].length
+        """Positions cached so far, where every row has the same number."""
+        lengths = set(self.lengths)
+        if len(lengths) != 1:
+            raise ValueError(f"rows hold different numbers of positions: {self.lengths}")
+        return lengths.pop()
 
-    @property
-    def max_len(self) -> int:
-        return self.layers[0].keys.shape[2]
+    def begin(self, num_tokens: int, device: torch.device) -> torch.Tensor:
+        """Prepare a forward pass of `num_tokens` new tokens per row; return their position ids.
+
+        Shape [T] when every row has the same length, else [B, T].
+        """
+        starts = self.lengths
+        if max(starts) + num_tokens > self.max_len:
+            raise ValueError(f"{max(starts)} cached + {num_tokens} new tokens exceed the "
+                             f"KV cache's {self.max_len} positions")
+        self._step = _Step(starts, num_tokens, device)
+        return self._step.positions
+
+    def end(self) -> None:
+        """Count the new tokens as cached."""
+        for row in range(self.batch_size):
+            self._lengths[self._first + row] += self._step.num_tokens
+        self._step = None
+
+
+class _Step:
+    """Where one forward pass writes into a KVCache and what its tokens may attend to."""
+
+    def __init__(self, starts: list[int], num_tokens: int, device: torch.device):
+        self.num_tokens = num_tokens
+        self.kv_len = max(starts) + num_tokens  # keys [.., :kv_len] cover every row's positions
+        self.start = starts[0] if len(set(starts)) == 1 else None  # None: a ragged batch
+        new = torch.arange(num_tokens, device=device)
+        if self.start is not None:
+            self.positions = new + self.start  # [T]
+            self.mask = None if self.start == 0 or num_tokens == 1 else (
+                torch.arange(self.kv_len, device=device) <= self.positions[:, None])  # [T, kv_len]
+        else:
+            self.positions = torch.tensor(starts, device=device)[:, None] + new  # [B, T]
+            self.rows = torch.arange(len(starts), device=device)[:, None].expand_as(self.positions)
+            # each row attends to its own cached positions and its new tokens up to itself
+            allowed = torch.arange(self.kv_len, device=device) <= self.positions[:, :, None]  # [B, T, kv_len]
+            self.mask = allowed.unsqueeze(1)  # [B, 1, T, kv_len]: the same for every head
 
 
 class LayerKV:
     """One layer's slice of a KVCache."""
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
-        self.keys, self.values, self.length = keys, values, 0
+    def __init__(self, cache: KVCache, index: int):
+        self.cache, self.index = cache, index
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v [B, H, T, D] after the cached positions; return all of them [B, H, length, D]."""
-        end = self.length + k.shape[2]
-        self.keys[:, :, self.length:end] = k
-        self.values[:, :, self.length:end] = v
-        self.length = end
-        return self.keys[:, :, :end], self.values[:, :, :end]
+    def append(self, k: torch.Tensor, v: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool]:
+        """Store k, v [B, H, T, D] at each row's next positions.
+
+        Returns the keys and values to attend to [B, H, kv_len, D], the attention mask
+        (True = may attend; None = no mask needed) and whether plain causal masking applies.
+        """
+        step = self.cache._step
+        keys, values = self.cache.keys[self.index], self.cache.values[self.index]
+        if step.start is not None:
+            keys[:, :, step.start:step.kv_len] = k
+            values[:, :, step.start:step.kv_len] = v
+        else:  # ragged: row b's token t goes to position positions[b, t]
+            keys[step.rows, :, step.positions] = k.transpose(1, 2)  # indexed as [B, T, H, D]
+            values[step.rows, :, step.positions] = v.transpose(1, 2)
+        causal = step.start == 0 and step.num_tokens > 1
+        return keys[:, :, :step.kv_len], values[:, :, :step.kv_len], step.mask, causal
 
 
 class MultiHeadAttention(nn.Module):
@@ -196,9 +200,8 @@ class MultiHeadAttention(nn.Module):
         self.W_key = Linear(d_in, d_out, bias=qkv_bias)
         self.W_value = Linear(d_in, d_out, bias=qkv_bias)
         self.out_proj = Linear(d_out, d_out)
-        # True above the diagonal = "may not attend". Kept as a buffer (as in the
-        # seed) so seed state_dicts load unchanged; used when cached decoding feeds
-        # several new tokens at once.
+        # True above the diagonal = "may not attend". Unused here (attention masks
+        # causally itself); kept as a buffer, as in the seed, so seed state_dicts load unchanged.
         self.register_buffer(
             "mask", torch.triu(torch.ones(context_length, context_length, dtype=torch.bool), 1)
         )
@@ -210,19 +213,13 @@ class MultiHeadAttention(nn.Module):
         k = self.W_key(x).view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
         v = self.W_value(x).view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
 
-        past = 0
-        if cache is not None:
-            past = cache.length
-            k, v = cache.append(k, v)  # [B, H, past + T, D]
-
         dropout_p = self.dropout if self.training else 0.0
-        if past == 0:
+        if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-        elif num_tokens == 1:  # one new token may attend to every cached position
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
-        else:  # new rows past..past+T of the causal mask
-            allowed = ~self.mask[past:past + num_tokens, :past + num_tokens]
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p)
+        else:  # attend to the cached positions too: [B, H, kv_len, D]
+            k, v, allowed, causal = cache.append(k, v)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p,
+                                               is_causal=causal)
 
         y = y.transpose(1, 2).reshape(b, num_tokens, self.d_out)  # [B, H, T, D] -> [B, T, E]
         return self.out_proj(y)
@@ -284,34 +281,41 @@ class GPTModel(nn.Module):
             nn.init.zeros_(module.bias)
 
     def forward(self, in_idx: torch.Tensor, cache: KVCache | None = None,
-                logits_from: int = 0) -> torch.Tensor:
+                logits_from: int = 0, return_hidden: bool = False) -> torch.Tensor:
         """Logits [B, T, V] for token ids [B, T].
 
         `logits_from` computes them only for positions `logits_from:` (Python slice
         semantics, so -1 is the last position): the output head is the costliest
         layer, and sampling needs only the last position, evaluation only the scored ones.
+        `return_hidden` stops before the head and returns the normalised hidden
+        states [B, T', E] (for a loss that applies the head itself, in pieces).
 
-        With a `cache`, `in_idx` holds only the new tokens: they are placed after
-        the cached positions, attend to them, and are appended to the cache.
+        With a `cache`, `in_idx` holds only the new tokens of each of the cache's rows:
+        they are placed after that row's cached positions, attend to them, and are
+        appended to the cache.
         """
         if in_idx.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"token ids must be an integer tensor, got dtype {in_idx.dtype}")
         if in_idx.dim() != 2:
             raise ValueError(f"token ids must have shape [batch, tokens], got {tuple(in_idx.shape)}")
-        _, seq_len = in_idx.shape
-        past = 0 if cache is None else cache.length
-        limit = self.cfg.context_length if cache is None else cache.max_len
-        if past + seq_len > limit:
-            raise ValueError(
-                f"sequence of {past + seq_len} tokens exceeds context_length={limit}"
-                + ("" if cache is None else f" of the KV cache ({past} cached + {seq_len} new)")
-            )
-        positions = torch.arange(past, past + seq_len, device=in_idx.device)
+        batch, seq_len = in_idx.shape
+        if cache is None:
+            if seq_len > self.cfg.context_length:
+                raise ValueError(f"sequence of {seq_len} tokens exceeds context_length={self.cfg.context_length}")
+            positions = torch.arange(seq_len, device=in_idx.device)  # [T]
+        else:
+            if batch != cache.batch_size:
+                raise ValueError(f"{batch} rows of tokens for a KV cache of {cache.batch_size} rows")
+            positions = cache.begin(seq_len, in_idx.device)  # [T], or [B, T] for a ragged batch
         x = self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(positions))  # [B, T, E]
         for i, block in enumerate(self.trf_blocks):
             x = block(x, None if cache is None else cache.layers[i])
+        if cache is not None:
+            cache.end()
         x = x[:, logits_from:, :]  # [B, T', E]: only the positions whose logits are needed
         x = self.final_norm(x)
+        if return_hidden:
+            return x
         return self.out_head(x)  # [B, T', V]
 
 

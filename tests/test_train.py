@@ -84,7 +84,7 @@ def test_tiny_model_learns_real_text(tmp_path):
     model = GPTModel(tiny_config(context_length=64, emb_dim=64))
     config = tiny_run(tmp_path, batch_size=16, context_length=64, max_steps=150, warmup=10, eval_every=50,
                       eval_iters=4)
-    result = Trainer(model, train_tokens, val_tokens, config).train()
+    result = Trainer(model, (train_tokens, val_tokens), config).train()
     uniform = math.log(384)
     assert result.losses[0] > 0.9 * uniform
     assert result.train_loss < 0.55 * uniform and result.val_loss < 0.6 * uniform, result
@@ -97,8 +97,8 @@ def test_tiny_model_learns_real_text(tmp_path):
 def test_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path):
     train_tokens, val_tokens = byte_tokens()
     model = GPTModel(tiny_config())
-    Trainer(model, train_tokens, val_tokens, tiny_run(tmp_path, max_steps=4, eval_every=4)).train()
-    trainer = Trainer(model, train_tokens, val_tokens, tiny_run(tmp_path, max_steps=8, eval_every=4, resume=True))
+    Trainer(model, (train_tokens, val_tokens), tiny_run(tmp_path, max_steps=4, eval_every=4)).train()
+    trainer = Trainer(model, (train_tokens, val_tokens), tiny_run(tmp_path, max_steps=8, eval_every=4, resume=True))
     with torch.no_grad():
         trainer.raw_model.final_norm.scale.fill_(float("nan"))  # what a diverged step leaves behind
     with pytest.raises(FloatingPointError) as err:
@@ -112,15 +112,15 @@ def test_corpus_too_small_fails_before_training(tmp_path):
     train_tokens, val_tokens = byte_tokens()
     expected = r"train [0-9,]+, val 20; one sample at max_length=32 needs 33 tokens"
     with pytest.raises(CorpusTooSmall, match=expected):
-        Trainer(GPTModel(tiny_config()), train_tokens, val_tokens[:20], tiny_run(tmp_path))
+        Trainer(GPTModel(tiny_config()), (train_tokens, val_tokens[:20]), tiny_run(tmp_path))
     assert not (tmp_path / "run").exists()
 
 
 def test_resume_into_another_config_lists_the_mismatch(tmp_path):
     train_tokens, val_tokens = byte_tokens()
-    Trainer(GPTModel(tiny_config()), train_tokens, val_tokens, tiny_run(tmp_path, max_steps=2)).train()
+    Trainer(GPTModel(tiny_config()), (train_tokens, val_tokens), tiny_run(tmp_path, max_steps=2)).train()
     with pytest.raises(ValueError, match=r"tok_emb.weight: checkpoint \(384, 48\) vs model \(384, 64\)"):
-        Trainer(GPTModel(tiny_config(emb_dim=64)), train_tokens, val_tokens, tiny_run(tmp_path, resume=True))
+        Trainer(GPTModel(tiny_config(emb_dim=64)), (train_tokens, val_tokens), tiny_run(tmp_path, resume=True))
 
 
 def test_trains_from_a_memory_mapped_token_file(tmp_path):
@@ -130,16 +130,16 @@ def test_trains_from_a_memory_mapped_token_file(tmp_path):
     torch.manual_seed(0)
     model = GPTModel(tiny_config())
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    from_disk = Trainer(model, *split_tokens(mapped, 0.1), tiny_run(tmp_path / "a")).train()
+    from_disk = Trainer(model, split_tokens(mapped, 0.1), tiny_run(tmp_path / "a")).train()
     model.load_state_dict(state)
-    in_memory = Trainer(model, train_tokens, val_tokens, tiny_run(tmp_path / "b")).train()
+    in_memory = Trainer(model, (train_tokens, val_tokens), tiny_run(tmp_path / "b")).train()
     assert from_disk.losses == in_memory.losses
 
 
 def test_a_new_run_never_overwrites_a_previous_runs_checkpoints(tmp_path):
     train_tokens, val_tokens = byte_tokens()
-    Trainer(GPTModel(tiny_config()), train_tokens, val_tokens, tiny_run(tmp_path, max_steps=2)).train()
+    Trainer(GPTModel(tiny_config()), (train_tokens, val_tokens), tiny_run(tmp_path, max_steps=2)).train()
     before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.suffix in (".pt", ".jsonl")}
     with pytest.raises(FileExistsError, match=r"run/last.pt exists: add --resume to continue that run"):
-        Trainer(GPTModel(tiny_config()), train_tokens, val_tokens, tiny_run(tmp_path, max_steps=2))
+        Trainer(GPTModel(tiny_config()), (train_tokens, val_tokens), tiny_run(tmp_path, max_steps=2))
     assert {name: (tmp_path / "run" / name).read_bytes() for name in before} == before

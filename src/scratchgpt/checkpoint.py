@@ -146,3 +146,12 @@ def load_model_from_checkpoint(path: str | os.PathLike, device: str | torch.devi
     check_state_dict(model, weights, source)
     model.load_state_dict(weights)
     return model
+
+
+def checkpoint_task(path: str | os.PathLike) -> dict[str, Any]:
+    """The `task` entry a fine-tuning run stored in its checkpoints: what using the model needs
+    (e.g. {"kind": "instruct", "prompt_style": "alpaca"}, or the label names of a classifier);
+    {} for a language model or a checkpoint without one."""
+    state = safe_load(path)
+    task = state.get("task", {}) if isinstance(state, dict) else {}
+    return task if isinstance(task, dict) else {}

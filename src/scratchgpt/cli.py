@@ -254,11 +254,11 @@ def cmd_train(args: argparse.Namespace) -> None:
         grad_clip=args.grad_clip, dtype=args.dtype, compile=args.compile, eval_every=args.eval_every,
         eval_iters=args.eval_iters, sample_prompt=args.sample_prompt, sample_tokens=args.sample_tokens,
         seed=args.seed, deterministic=args.deterministic, device=args.device, resume=args.resume)
-    trainer = Trainer(model, train_tokens, val_tokens, config, tokenizer=gpt2_tokenizer or tokenizer)
+    trainer = Trainer(model, (train_tokens, val_tokens), config, tokenizer=gpt2_tokenizer or tokenizer)
     if trainer.dist.is_main:
         counts = count_parameters(trainer.raw_model)
         print(f"{counts['untied']:,} parameters | {len(train_tokens):,} train and {len(val_tokens):,} val tokens"
-              f" | {trainer.global_batch} x {trainer.window} tokens per step | device {trainer.device}")
+              f" | {trainer.global_batch} x {trainer.task.window} tokens per step | device {trainer.device}")
     try:
         result = trainer.train()
     finally:

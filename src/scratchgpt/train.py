@@ -33,12 +33,12 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .checkpoint import load_checkpoint, save_checkpoint, save_model, unwrap_model
-from .data import TokenWindows, check_corpus_size
 from .devices import resolve_dtype
 from .fileio import atomic_write
 from .distributed import all_reduce_sum, any_process, gather_objects, init_distributed
 from .generate import generate
 from .plot import plot_losses
+from .tasks.base import Task
 from .tokenizer import text_to_token_ids, token_ids_to_text
 
 
@@ -188,37 +188,6 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % 2**32)
 
 
-class WindowSampler:
-    """Which training windows each step reads, from the seed and the data position alone.
-
-    Each epoch cuts the train tokens into non-overlapping windows from a random
-    offset and visits them in a random order. A position (epoch, offset) says how
-    many windows of the epoch are used, so a resumed run reads what the
-    interrupted one would have, whatever the batch size or number of processes.
-    """
-
-    def __init__(self, tokens: np.ndarray, window: int, seed: int):
-        self.tokens, self.window, self.seed = tokens, window, seed
-        self.windows_per_epoch = (len(tokens) - 1) // window
-        self._slack = len(tokens) - 1 - self.windows_per_epoch * window  # tokens an epoch's windows skip
-        self._plan: tuple[int, int, torch.Tensor] | None = None  # epoch, first token, window order
-
-    def _epoch_plan(self, epoch: int) -> tuple[int, torch.Tensor]:
-        if self._plan is None or self._plan[0] != epoch:
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            start = int(torch.randint(self._slack + 1, (1,), generator=gen))
-            self._plan = (epoch, start, torch.randperm(self.windows_per_epoch, generator=gen))
-        return self._plan[1], self._plan[2]
-
-    def batch(self, epoch: int, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs and targets [count, window] of windows first..first+count of `epoch`'s order."""
-        start, order = self._epoch_plan(epoch)
-        starts = start + order[first:first + count].numpy() * self.window
-        rows = self.tokens[starts[:, None] + np.arange(self.window + 1)].astype(np.int64)
-        chunk = torch.from_numpy(rows)
-        return chunk[:, :-1], chunk[:, 1:]
-
-
 @dataclass
 class TrainConfig:
     """Everything about a run except the model and the data."""
@@ -297,14 +266,17 @@ class _StopSignals:
 # --------------------------------------------------------------------------- the trainer
 
 class Trainer:
-    """Trains `model` on token arrays (numpy, possibly memory-mapped) for `config.max_steps` steps.
+    """Trains `model` on a task's data and loss for `config.max_steps` steps.
 
+    `data` is a `tasks.base.Task` (instruction or classification fine-tuning,
+    say) or a pair of token arrays (train, val; numpy, possibly memory-mapped)
+    for language modelling on windows of `config.context_length` tokens.
     Under `torchrun` each process reads its own share of every batch and only
     rank 0 writes. The output folder holds `last.pt` and `best.pt` (checkpoints),
     `metrics.jsonl`, `loss.png` and, at the end, the seed's `model.pth`.
     """
 
-    def __init__(self, model: nn.Module, train_tokens: np.ndarray, val_tokens: np.ndarray,
+    def __init__(self, model: nn.Module, data: Task | tuple[np.ndarray, np.ndarray],
                  config: TrainConfig, tokenizer: tiktoken.Encoding | None = None):
         self.config = config
         self.tokenizer = tokenizer
@@ -316,17 +288,12 @@ class Trainer:
         seed_everything(config.seed + self.dist.rank)
 
         self.raw_model = unwrap_model(model).to(self.device)
-        self.window = config.context_length or self.raw_model.cfg.context_length
-        if self.window > self.raw_model.cfg.context_length:
-            raise ValueError(f"context_length {self.window} exceeds the model's "
-                             f"{self.raw_model.cfg.context_length} positions")
-        self.micro_batches = config.batch_size * self.dist.world_size  # windows per micro-step, all processes
-        self.global_batch = self.micro_batches * config.grad_accum  # windows per optimizer step
-        check_corpus_size({"train": len(train_tokens), "val": len(val_tokens)}, self.window,
-                          {"train": self.global_batch})
-        self.sampler = WindowSampler(train_tokens, self.window, config.seed)
-        self.eval_sets = {name: TokenWindows(tokens, self.window, self.window)
-                          for name, tokens in (("train", train_tokens), ("val", val_tokens))}
+        self.micro_batches = config.batch_size * self.dist.world_size  # examples per micro-step, all processes
+        self.global_batch = self.micro_batches * config.grad_accum  # examples per optimizer step
+        self.task = data if isinstance(data, Task) else self._language_model_task(*data)
+        if self.task.epoch_size() < self.global_batch:
+            raise ValueError(f"{self.task.epoch_size():,} training examples are fewer than one step's "
+                             f"{self.global_batch} (batch size x grad accumulation x processes)")
 
         self.optimizer = make_optimizer(self.raw_model, config.lr, config.weight_decay, config.betas, self.device)
         schedule = (config.warmup, config.max_steps, config.min_lr_ratio)
@@ -341,6 +308,7 @@ class Trainer:
 
         self.out_dir = Path(config.out_dir)
         self.step, self.tokens_seen, self.epoch, self.offset = 0, 0, 0, 0
+        self.last_step_tokens = 0
         self.best_val_loss: float | None = None
         self.history: dict[str, list] = {"tokens": [], "train": [], "val": []}
         self.last_checkpoint: Path | None = None
@@ -353,6 +321,15 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "metrics.jsonl").write_text("")
 
+    def _language_model_task(self, train_tokens: np.ndarray, val_tokens: np.ndarray) -> Task:
+        from .tasks.pretrain import LanguageModelTask  # it builds on this module's calc_loss_batch
+
+        window = self.config.context_length or self.raw_model.cfg.context_length
+        if window > self.raw_model.cfg.context_length:
+            raise ValueError(f"context_length {window} exceeds the model's "
+                             f"{self.raw_model.cfg.context_length} positions")
+        return LanguageModelTask(train_tokens, val_tokens, window, self.config.seed)
+
     # ----------------------------------------------------------------- steps
 
     def _autocast(self):
@@ -363,20 +340,22 @@ class Trainer:
     def _train_step(self) -> float:
         """One optimizer step over the global batch; returns its mean loss over all processes."""
         cfg, rank = self.config, self.dist.rank
-        if self.offset + self.global_batch > self.sampler.windows_per_epoch:
+        if self.offset + self.global_batch > self.task.epoch_size():
             self.epoch, self.offset = self.epoch + 1, 0
         self.model.train()
         total = torch.zeros((), device=self.device)
+        tokens = 0
         for micro in range(cfg.grad_accum):
             first = self.offset + micro * self.micro_batches + rank * cfg.batch_size
-            inputs, targets = self.sampler.batch(self.epoch, first, cfg.batch_size)
+            batch = self.task.train_batch(self.epoch, first, cfg.batch_size)
             last = micro == cfg.grad_accum - 1
             sync = nullcontext() if last or not self.dist.enabled else self.model.no_sync()
             with sync:
                 with self._autocast():
-                    loss = calc_loss_batch(inputs, targets, self.model, self.device)
+                    loss, _ = self.task.loss(self.model, batch, self.device)
                 self.scaler.scale(loss / cfg.grad_accum).backward()
             total += loss.detach()
+            tokens += batch[0].numel()
         mean_loss = all_reduce_sum(total / cfg.grad_accum, self.dist).item() / self.dist.world_size
         if not math.isfinite(mean_loss):
             kept = (f"last good checkpoint {self.last_checkpoint}" if self.last_checkpoint
@@ -392,42 +371,43 @@ class Trainer:
         self.scheduler.step()
         self.offset += self.global_batch
         self.step += 1
-        self.tokens_seen += self.global_batch * self.window
+        self.tokens_seen += tokens * self.dist.world_size
+        self.last_step_tokens = tokens * self.dist.world_size
         return mean_loss
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean loss per token over `eval_iters` batches of windows spread evenly across each split.
-
-        The same windows every time (so that evaluations compare), shared among the processes.
-        """
+        """The task's metrics ("train_loss", "val_loss", ...) over `eval_iters` batches of examples
+        spread evenly across each split: the same examples every time (so that evaluations
+        compare), shared among the processes, weighted by what each batch scored."""
         self.raw_model.eval()
-        losses = {}
-        for name, windows in self.eval_sets.items():
-            count = min(len(windows), self.config.eval_iters * self.micro_batches)
-            picks = np.linspace(0, len(windows) - 1, count).round().astype(int).tolist()
+        results = {}
+        for split in ("train", "val"):
+            count = min(self.task.eval_size(split), self.config.eval_iters * self.micro_batches)
+            picks = np.linspace(0, self.task.eval_size(split) - 1, count).round().astype(int).tolist()
             mine = picks[self.dist.rank::self.dist.world_size]
-            total = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sum, tokens
+            sums: dict[str, list[float]] = {}
             for i in range(0, len(mine), self.config.batch_size):
-                batch = [windows[j] for j in mine[i:i + self.config.batch_size]]
-                inputs, targets = torch.stack([b[0] for b in batch]), torch.stack([b[1] for b in batch])
+                batch = self.task.eval_batch(split, mine[i:i + self.config.batch_size])
                 with self._autocast():
-                    loss = calc_loss_batch(inputs, targets, self.raw_model, self.device)
-                total += torch.tensor([loss.item() * targets.numel(), targets.numel()],
-                                      dtype=torch.float64, device=self.device)
-            all_reduce_sum(total, self.dist)
-            losses[name] = (total[0] / total[1]).item()
+                    metrics = self.task.eval_metrics(self.raw_model, batch, self.device)
+                for name, (total, n) in metrics.items():
+                    acc = sums.setdefault(name, [0.0, 0.0])
+                    acc[0], acc[1] = acc[0] + total, acc[1] + n
+            for name in sorted(sums):  # every process reports the same names in the same order
+                total = all_reduce_sum(torch.tensor(sums[name], dtype=torch.float64, device=self.device),
+                                       self.dist)
+                results[f"{split}_{name}"] = (total[0] / total[1]).item()
         self.raw_model.train()
-        return losses
+        return results
 
-    def sample(self) -> str:
-        """A continuation of `sample_prompt` (top-k sampling with a fixed seed; global RNGs untouched)."""
-        prompt = text_to_token_ids(self.config.sample_prompt, self.tokenizer).to(self.device)
+    def sample(self) -> str | None:
+        """What the task shows of the model now (for language models: a seeded top-k continuation)."""
         self.raw_model.eval()
-        out = generate(self.raw_model, prompt, self.config.sample_tokens, self.window,
-                       temperature=0.8, top_k=40, seed=self.config.seed)
+        text = self.task.sample(self.raw_model, self.tokenizer, self.config.sample_prompt,
+                                self.config.sample_tokens, self.config.seed)
         self.raw_model.train()
-        return token_ids_to_text(out, self.tokenizer)
+        return text
 
     # ----------------------------------------------------------------- checkpoints and logs
 
@@ -436,7 +416,7 @@ class Trainer:
         rng_states = gather_objects(rng_state(), self.dist)
         if not self.dist.is_main:
             return
-        save_checkpoint(path, self.raw_model, self.optimizer,
+        save_checkpoint(path, self.raw_model, self.optimizer, task=self.task.meta,
                         train_config=asdict(self.config), step=self.step, tokens_seen=self.tokens_seen,
                         best_val_loss=self.best_val_loss, history=self.history,
                         scheduler_state_dict=self.scheduler.state_dict(),
@@ -449,6 +429,9 @@ class Trainer:
         if not path.is_file():
             raise FileNotFoundError(f"cannot resume: {path} not found (run without --resume to start)")
         extra = load_checkpoint(path, self.raw_model, self.optimizer)
+        if extra.get("task", {}) != self.task.meta:
+            raise ValueError(f"cannot resume: {path} was trained on task {extra.get('task', {})}, "
+                             f"not {self.task.meta}")
         self.scheduler.load_state_dict(extra["scheduler_state_dict"])
         self.scaler.load_state_dict(extra["scaler_state_dict"])
         self.step, self.tokens_seen = extra["step"], extra["tokens_seen"]
@@ -477,22 +460,27 @@ class Trainer:
 
         The printed line comes last, so once it shows, the checkpoint is on disk.
         """
-        losses = self.evaluate()
+        metrics = self.evaluate()
         self.history["tokens"].append(self.tokens_seen)
-        self.history["train"].append(losses["train"])
-        self.history["val"].append(losses["val"])
-        self._log({"step": self.step, "tokens": self.tokens_seen,
-                   "train_loss": losses["train"], "val_loss": losses["val"]})
+        self.history["train"].append(metrics["train_loss"])
+        self.history["val"].append(metrics["val_loss"])
+        for name, value in metrics.items():  # the task's other metrics (accuracy, ...), by name
+            if not name.endswith("_loss"):
+                self.history.setdefault(name, []).append(value)
+        self._log({"step": self.step, "tokens": self.tokens_seen, **metrics})
         if save:
-            self._save_last_and_best(losses["val"])
+            self._save_last_and_best(metrics["val_loss"])
         if self.dist.is_main:
             plot_losses(self.history["tokens"], self.history["train"], self.history["val"],
                         self.out_dir / "loss.png")
-            bar.write(f"step {self.step:>6}/{self.config.max_steps} | train loss {losses['train']:.3f}"
-                      f" | val loss {losses['val']:.3f} | {self.tokens_seen:,} tokens seen")
-            if self.tokenizer is not None:
-                bar.write(f"  sample: {self.sample()!r}")
-        return losses
+            others = "".join(f" | {name.replace('_', ' ')} {value:.3f}" for name, value in metrics.items()
+                             if not name.endswith("_loss"))
+            bar.write(f"step {self.step:>6}/{self.config.max_steps} | train loss {metrics['train_loss']:.3f}"
+                      f" | val loss {metrics['val_loss']:.3f}{others} | {self.tokens_seen:,} tokens seen")
+            sample = self.sample()
+            if sample is not None:
+                bar.write(f"  sample: {sample!r}")
+        return metrics
 
     def _save_last_and_best(self, val_loss: float) -> None:
         improved = self.best_val_loss is None or val_loss < self.best_val_loss
@@ -500,7 +488,7 @@ class Trainer:
             self.best_val_loss = val_loss
         self.save(self.out_dir / "last.pt")
         if improved and self.dist.is_main:
-            save_checkpoint(self.out_dir / "best.pt", self.raw_model, step=self.step,
+            save_checkpoint(self.out_dir / "best.pt", self.raw_model, task=self.task.meta, step=self.step,
                             val_loss=val_loss, tokens_seen=self.tokens_seen)
 
     # ----------------------------------------------------------------- the loop
@@ -522,7 +510,7 @@ class Trainer:
                 lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
                 loss = self._train_step()
                 losses.append(loss)
-                tokens_per_s = self.global_batch * self.window / (time.monotonic() - step_start)
+                tokens_per_s = self.last_step_tokens / (time.monotonic() - step_start)
                 self._log({"step": self.step, "tokens": self.tokens_seen, "loss": loss, "lr": lr,
                            "tokens_per_s": round(tokens_per_s, 1)})
                 bar.update(1)
@@ -542,5 +530,5 @@ class Trainer:
                   f"continue with the same command and --resume")
         if not interrupted and self.dist.is_main:
             save_model(self.out_dir / "model.pth", self.raw_model)
-        return TrainResult(self.step, self.tokens_seen, last_eval.get("train"), last_eval.get("val"),
+        return TrainResult(self.step, self.tokens_seen, last_eval.get("train_loss"), last_eval.get("val_loss"),
                            self.best_val_loss, interrupted, self.last_checkpoint, losses)

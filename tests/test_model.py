@@ -156,3 +156,19 @@ def test_ragged_batch_in_one_cache_equals_each_sequence_alone():
         cache.length
     with pytest.raises(ValueError, match="exceed the KV cache's 32 positions"):
         model(torch.zeros(4, 20, dtype=torch.long), cache=cache)
+
+
+def test_a_ragged_batch_never_reads_uninitialised_memory():
+    """Shorter rows attend over the longest row's span with zero weight; garbage there (NaN) would
+    still poison them, so a new cache holds zeros."""
+    from scratchgpt import KVCache
+
+    model = sharp_model(seed=3)
+    for _ in range(20):  # freed small tensors leave their values on the heap for the next allocation
+        torch.full((2, 4, 32, 12), float("nan"))
+    cache = KVCache(model, batch_size=2, max_len=32)
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3]]), cache=cache.rows(0, 1))
+        model(torch.tensor([[4, 5, 6, 7, 8]]), cache=cache.rows(1, 2))
+        assert torch.isfinite(model(torch.tensor([[9], [10]]), cache=cache)).all()
+    assert not cache.keys[0][0, :, 4:].any() and not cache.values[1][1, :, 6:].any()  # never written: zeros

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from scratchgpt import GPTModel
@@ -31,3 +33,15 @@ def sharp_model(seed: int = 0, **overrides) -> GPTModel:
             else:
                 p.copy_(0.2 * torch.randn_like(p))
     return model.eval()
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run torch on one thread here. Beside another busy process (a server under test) on 2 cores,
+    OpenMP's spinning workers can make a multi-threaded main thread many times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -367,6 +367,50 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(f"perplexity per word  {result['word_perplexity']:.2f} ({result['words']:,} whitespace-separated words)")
 
 
+# --------------------------------------------------------------------------- serve
+
+def add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API, with a web playground",
+                       description="Serve a model to many clients at once (continuous batching) over OpenAI's "
+                                   "/v1/completions and /v1/chat/completions, with a playground page at /. "
+                                   "Needs the serve extra: pip install 'scratchgpt[serve]'.")
+    add_model_source_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0 picks a free one)")
+    p.add_argument("--max-batch", type=int, default=8, help="sequences generated together (default 8)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="sequences that may wait for a free slot; past that, 429 (default 64)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on the API (default: no key)")
+    p.set_defaults(func=cmd_serve)
+
+
+def served_model_name(args: argparse.Namespace) -> str:
+    """The model id clients send: what the command line named."""
+    if args.gpt2:
+        return f"gpt2-{args.gpt2}" if args.gpt2 in GPT2_SIZES else args.gpt2
+    return args.checkpoint or args.hf or f"preset-{args.preset}"
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    try:
+        from .serve.api import ServeState, run_server
+    except ImportError as exc:
+        raise RuntimeError(f"serve needs FastAPI and uvicorn ({exc}): pip install 'scratchgpt[serve]'") from None
+    from .serve.chat import TRANSCRIPT
+    from .serve.engine import Engine
+
+    if args.max_batch < 1 or args.max_queue < 0:
+        raise ValueError(f"--max-batch must be >= 1 and --max-queue >= 0, got {args.max_batch} and {args.max_queue}")
+
+    def load():
+        model, tokenizer = load_model_from_args(args)
+        return Engine(model, tokenizer, args.max_batch, args.max_queue), TRANSCRIPT
+
+    run_server(ServeState(served_model_name(args), api_key=args.api_key), args.host, args.port, load,
+               announce=lambda line: print(line, flush=True))
+
+
 PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_generate_parser,
     add_vocab_parser,
@@ -375,6 +419,7 @@ PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_download_parser,
     add_convert_parser,
     add_eval_parser,
+    add_serve_parser,
 ]
 
 

@@ -467,6 +467,24 @@ def test_models_tokenize_detokenize_and_metrics(server, trained, tokenizer):
         assert f"scratchgpt_{name}" in text
 
 
+@pytest.mark.slow
+def test_an_instruction_tuned_checkpoint_chats_in_its_prompt_style(trained, tmp_path, tokenizer):
+    from scratchgpt.tasks.instruct import format_prompt
+
+    model, _ = trained
+    path = tmp_path / "instruct.pt"
+    save_checkpoint(path, model, task={"kind": "instruct", "prompt_style": "alpaca"})
+    server = Server(["--checkpoint", str(path), "--api-key", KEY])
+    try:
+        messages = [{"role": "user", "content": "Reverse these words: a b c"}]
+        tokens = server.http.post("/tokenize", json={"messages": messages}).json()["tokens"]
+        assert tokens == tokenizer.encode(format_prompt({"instruction": "Reverse these words: a b c"}, "alpaca"))
+        refused = server.http.post("/v1/chat/completions", json={"messages": [{"role": "system", "content": "x"}]})
+        assert refused.status_code == 400 and "'alpaca' instruction prompt" in refused.json()["error"]["message"]
+    finally:
+        assert server.stop() == 0
+
+
 # --------------------------------------------------------------------------- loading and mid-stream errors
 
 def test_health_is_503_until_loaded_and_a_mid_stream_error_is_an_event(tokenizer):

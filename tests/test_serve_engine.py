@@ -178,3 +178,24 @@ def test_a_token_the_tokenizer_cannot_decode_fails_that_sequence_only(tokenizer)
         assert outputs[-1].finish_reason == "error"
         assert "token id 50300, which the tokenizer cannot decode" in outputs[-1].error
         assert engine.complete([64], SamplingParams(max_tokens=3, temperature=0.0)).text == "aaa"  # still serving
+
+
+# --------------------------------------------------------------------------- chat templates
+
+def test_a_checkpoints_instruction_style_is_its_chat_template():
+    from scratchgpt.serve.chat import TRANSCRIPT, message_texts, template_for_task
+    from scratchgpt.tasks.instruct import format_prompt
+
+    messages = message_texts([{"role": "user", "content": [{"type": "text", "text": "Uppercase "},
+                                                           {"type": "text", "text": "this: abc"}]}])
+    alpaca = template_for_task({"kind": "instruct", "prompt_style": "alpaca"})
+    assert alpaca.render(messages) == format_prompt({"instruction": "Uppercase this: abc"}, "alpaca")
+    assert alpaca.render(messages).endswith("### Response:\n") and alpaca.stop == ()
+    with pytest.raises(InvalidRequest, match=r"send one user message \(the instruction\), not the roles "
+                                             r"\['system', 'user'\]"):
+        alpaca.render([("system", "Be brief."), ("user", "Hi")])
+    with pytest.raises(ValueError, match="unknown instruction prompt style 'klingon'"):
+        template_for_task({"kind": "instruct", "prompt_style": "klingon"})
+    assert template_for_task({}) is TRANSCRIPT and template_for_task({"kind": "classify"}) is TRANSCRIPT
+    assert TRANSCRIPT.render([("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello."), ("user", "Bye")]) \
+        == "System: Be brief.\nUser: Hi\nAssistant: Hello.\nUser: Bye\nAssistant:"

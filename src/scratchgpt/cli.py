@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .checkpoint import load_model_from_checkpoint, safe_load
+from .checkpoint import checkpoint_task, load_model_from_checkpoint, safe_load
 from .config import GPT2_SIZES, GPT_CONFIG_124M, gpt2_config
 from .data import BUILTIN_CORPORA, is_token_file, load_corpus, open_token_file, prepare_token_file, split_tokens
 from .devices import resolve_device, resolve_dtype
@@ -397,7 +397,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         from .serve.api import ServeState, run_server
     except ImportError as exc:
         raise RuntimeError(f"serve needs FastAPI and uvicorn ({exc}): pip install 'scratchgpt[serve]'") from None
-    from .serve.chat import TRANSCRIPT
+    from .serve.chat import TRANSCRIPT, template_for_task
     from .serve.engine import Engine
 
     if args.max_batch < 1 or args.max_queue < 0:
@@ -405,7 +405,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     def load():
         model, tokenizer = load_model_from_args(args)
-        return Engine(model, tokenizer, args.max_batch, args.max_queue), TRANSCRIPT
+        template = template_for_task(checkpoint_task(args.checkpoint)) if args.checkpoint else TRANSCRIPT
+        return Engine(model, tokenizer, args.max_batch, args.max_queue), template
 
     run_server(ServeState(served_model_name(args), api_key=args.api_key), args.host, args.port, load,
                announce=lambda line: print(line, flush=True))

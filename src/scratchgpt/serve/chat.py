@@ -9,9 +9,10 @@ the assistant speaks next:
 
 The model continues after the last `Assistant:` and stops where it would start
 another turn (a new line beginning `User:`, `System:` or `Assistant:`) or at
-`<|endoftext|>`. A checkpoint fine-tuned on instructions carries its own prompt
-style (e.g. Alpaca's); then the conversation's one user message is the
-instruction, wrapped in that style, and the model stops at `<|endoftext|>`.
+`<|endoftext|>`. A checkpoint fine-tuned on instructions records its prompt
+style (`task = {"kind": "instruct", "prompt_style": "alpaca"}`, see
+tasks/instruct.py); then the conversation's one user message is the instruction,
+wrapped in that style, and the model stops at `<|endoftext|>`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from ..tasks.instruct import PROMPT_STYLES, format_prompt
 from .engine import InvalidRequest
 
 ROLES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
@@ -40,18 +42,27 @@ def _transcript(messages: list[tuple[str, str]]) -> str:
 TRANSCRIPT = ChatTemplate("transcript", _transcript, stop=("\nUser:", "\nSystem:", "\nAssistant:"))
 
 
-def instruction_template(name: str, format_prompt: Callable[[dict[str, str]], str]) -> ChatTemplate:
-    """A template for an instruction-tuned checkpoint: `format_prompt({"instruction", "input"})`
-    is its prompt style (the text up to where the response begins)."""
+def instruction_template(style: str) -> ChatTemplate:
+    """The template of a checkpoint tuned on instructions with prompt style `style`
+    (see tasks/instruct.py): one user message is the instruction."""
+    if style not in PROMPT_STYLES:
+        raise ValueError(f"unknown instruction prompt style {style!r}; known: {', '.join(PROMPT_STYLES)}")
 
     def render(messages: list[tuple[str, str]]) -> str:
         roles = [role for role, _ in messages]
         if roles != ["user"]:
-            raise InvalidRequest("messages", f"this model was tuned on the {name!r} instruction prompt: send one "
+            raise InvalidRequest("messages", f"this model was tuned on the {style!r} instruction prompt: send one "
                                              f"user message (the instruction), not the roles {roles}")
-        return format_prompt({"instruction": messages[0][1], "input": ""})
+        return format_prompt({"instruction": messages[0][1], "input": ""}, style)
 
-    return ChatTemplate(name, render)
+    return ChatTemplate(style, render)
+
+
+def template_for_task(task: dict[str, Any]) -> ChatTemplate:
+    """The chat template for a checkpoint's `task` entry: its instruction prompt style, else the transcript."""
+    if task.get("kind") == "instruct":
+        return instruction_template(task.get("prompt_style", "alpaca"))
+    return TRANSCRIPT
 
 
 def message_texts(messages: Any) -> list[tuple[str, str]]:

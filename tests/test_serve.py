@@ -485,6 +485,15 @@ def test_an_instruction_tuned_checkpoint_chats_in_its_prompt_style(trained, tmp_
         assert server.stop() == 0
 
 
+def test_a_model_that_fails_to_load_stops_the_server_with_one_line(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    missing = tmp_path / "nope.pt"
+    result = subprocess.run([sys.executable, "-m", "scratchgpt.cli", "serve", "--checkpoint", str(missing),
+                             "--port", "0"], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [f"scratchgpt serve: error: checkpoint not found: {missing}"]
+
+
 # --------------------------------------------------------------------------- loading and mid-stream errors
 
 def test_health_is_503_until_loaded_and_a_mid_stream_error_is_an_event(tokenizer):

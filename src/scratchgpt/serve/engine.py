@@ -478,10 +478,11 @@ class Engine:
         return Output(request, piece.text, tokens, finish_reason, error)
 
     def _finish(self, request: Request, reason: str, piece: Piece, error: str | None = None) -> None:
-        if request.slot is not None and self.slots[request.slot] is request:
-            self.slots[request.slot] = None
-            self.cache.set_length(request.slot, 0)
-        request.finish_reason = reason
+        with self._wake:  # submit_many counts the free slots
+            if request.slot is not None and self.slots[request.slot] is request:
+                self.slots[request.slot] = None
+                self.cache.set_length(request.slot, 0)
+            request.finish_reason = reason
         now = time.perf_counter()
         self.metrics.finished.inc(value=reason)
         self.metrics.latency.observe(now - request.arrived)

@@ -325,3 +325,27 @@ def test_generate_eval_and_convert_use_an_adapter_like_its_merged_model(tmp_path
 
     assert main(["generate", "--checkpoint", str(merged), "--lora", str(tmp_path / "adapter.pt"), *prompt]) == 1
     assert "the adapter was made for another base" in capsys.readouterr().err  # the merged model is not its base
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["torchrun", "compile"])
+def test_a_lora_run_under_torchrun_or_compile_matches_the_plain_one(tmp_path, tokenizer, base_checkpoint, variant):
+    common = ["--init", str(base_checkpoint), *LORA[:4], "--max-steps", "4", "--eval-every", "2", "--drop-rate", "0",
+              "--lora-targets", "query", "value", "ff_out"]
+    run_train(tmp_path / "plain", *common, "--batch-size", "8")
+    if variant == "compile":
+        run_train(tmp_path / variant, *common, "--batch-size", "8", "--compile")
+    else:
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+        command = train_command(tmp_path / variant, *common, "--batch-size", "4")
+        result = subprocess.run(torchrun + ["-m", "scratchgpt.cli"] + command[3:], capture_output=True, text=True,
+                                env={**ENV, "OMP_NUM_THREADS": "1"}, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert safe_load(tmp_path / variant / "last.pt")["world_size"] == 2
+    plain, other = metrics(tmp_path / "plain"), metrics(tmp_path / variant)
+    assert len(plain) == len(other) == 4 + 3
+    for a, b in zip(plain, other):
+        for key in ("loss", "train_loss", "val_loss"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], abs=1e-4), (key, a, b)
+    assert safe_load(tmp_path / variant / "adapter.pt")["layers"] == safe_load(tmp_path / "plain" / "adapter.pt")["layers"]

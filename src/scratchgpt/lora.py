@@ -158,11 +158,15 @@ def replace_linear_with_lora(model: nn.Module, rank: int, alpha: float,
         if both:
             raise ValueError(f"{both[0]} is both a LoRA target and trained in full ({keep!r}): choose one")
     for name in names:
-        parent_name, _, leaf = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, leaf, LinearWithLoRA(getattr(parent, leaf), rank, alpha, dropout))
+        _set_module(model, name, LinearWithLoRA(model.get_submodule(name), rank, alpha, dropout))
     _freeze_all_but(model, modules_to_save)
     return model
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` in `model` under the dotted `name`, in place of what was there."""
+    parent_name, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), leaf, module)  # get_submodule("") is the model itself
 
 
 def _matches_param(param_name: str, module_or_param: str) -> bool:
@@ -196,8 +200,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
         linear, lora = layer.linear, layer.lora
         delta = (lora.A.detach().float() @ lora.B.detach().float()).T * lora.scaling
         linear.weight = nn.Parameter((linear.weight.detach().float() + delta).to(linear.weight.dtype))
-        parent_name, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, leaf, linear)
+        _set_module(model, name, linear)
     cfg = getattr(model, "cfg", None)
     if cfg is not None and cfg.tie_weights and model.out_head.weight is not model.tok_emb.weight:
         model.cfg = dataclasses.replace(cfg, tie_weights=False)
@@ -299,7 +302,7 @@ def read_adapter(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def describe_lora(layers: dict[str, dict[str, Any]]) -> str:
-    """'rank 8, alpha 16 on 24 layers (W_query, W_value)' for an adapter's `layers` entry."""
+    """'rank 8, alpha 16 on 24 layers (query, value)' for an adapter's `layers` entry."""
     if not layers:
         return "no LoRA layers"
     shapes = sorted({(s["rank"], s["alpha"], s["dropout"]) for s in layers.values()})
@@ -348,15 +351,13 @@ def apply_adapter(model: nn.Module, adapter: dict[str, Any], source: str = "adap
             raise ValueError(f"{source}: {name} is {list(state[name].shape)} in the adapter, "
                              f"{have} in this model{made_for}")
     if base.get("weights") is not None:
-        ours = weights_hash(base_parameters(model, exclude=full))
-        if ours != base["weights"]:
+        found = weights_hash(base_parameters(model, exclude=full))
+        if found != base["weights"]:
             raise ValueError(f"{source}: the adapter was made for another base{made_for}: weights hash "
-                             f"{base['weights'][:12]}, this model's {ours[:12]}")
+                             f"{base['weights'][:12]}, this model's {found[:12]}")
     for name, spec in layers.items():
         if not isinstance(modules[name], LinearWithLoRA):
-            parent_name, _, leaf = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, leaf, LinearWithLoRA(modules[name], spec["rank"], spec["alpha"], spec["dropout"]))
+            _set_module(model, name, LinearWithLoRA(modules[name], spec["rank"], spec["alpha"], spec["dropout"]))
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, tensor in state.items():

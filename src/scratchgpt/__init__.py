@@ -15,6 +15,14 @@ from .gpt2.load import (
     save_gpt2_tf,
 )
 from .gpt2.tf_checkpoint import TFCheckpointReader, write_tf_checkpoint
+from .lora import (
+    LinearWithLoRA,
+    LoRALayer,
+    load_adapter,
+    merge_lora,
+    replace_linear_with_lora,
+    save_adapter,
+)
 from .model import (
     GELU,
     FeedForward,
@@ -74,4 +82,10 @@ __all__ = [
     "save_hf_gpt2",
     "TFCheckpointReader",
     "write_tf_checkpoint",
+    "LoRALayer",
+    "LinearWithLoRA",
+    "replace_linear_with_lora",
+    "merge_lora",
+    "save_adapter",
+    "load_adapter",
 ]

@@ -102,6 +102,11 @@ def _model_state(state: Any, path: Path) -> dict[str, torch.Tensor]:
         return state["model_state_dict"]
     if isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values()):
         return state  # torch.save(model.state_dict(), "model.pth")
+    from .lora import is_adapter  # lora.py builds on this module
+
+    if is_adapter(state):
+        raise ValueError(f"{path}: is a LoRA adapter, not a model: load its base ({state['base']['source']}) "
+                         f"and apply it (--lora), or merge it into one (convert --merge-lora)")
     raise ValueError(f"{path}: holds neither a state dict nor a 'model_state_dict' entry")
 
 
@@ -129,6 +134,7 @@ def load_model_from_checkpoint(path: str | os.PathLike, device: str | torch.devi
     config `save_model` wrote beside a bare state dict, and load its weights."""
     path = Path(path)
     state = safe_load(path)
+    weights = _model_state(state, path)
     cfg = config if config is not None else (state.get("config") if isinstance(state, dict) else None)
     beside = config_beside(path)
     source = str(path)
@@ -142,7 +148,6 @@ def load_model_from_checkpoint(path: str | os.PathLike, device: str | torch.devi
         raise ValueError(f"{path}: stores no model config and has no {beside.name} beside it; "
                          f"pass the config the model was built with")
     model = empty_model(cfg, device)  # every parameter is loaded below: no random init
-    weights = _model_state(state, path)
     check_state_dict(model, weights, source)
     model.load_state_dict(weights)
     return model

@@ -22,10 +22,13 @@ from .devices import resolve_device, resolve_dtype
 from .distributed import shutdown_distributed
 from .evaluate import evaluate_perplexity
 from .generate import generate_stream
-from .gpt2.convert import FORMATS, convert
+from .gpt2.convert import FORMATS, convert, detect_format, load_model
 from .gpt2.download import download_gpt2_files
 from .gpt2.hf import load_hf_gpt2
 from .gpt2.load import load_gpt2, tokenizer_for_folder
+from .gpt2.peft import ADAPTER_FORMATS, convert_adapter
+from .lora import (check_lora_hyperparameters, describe_lora, is_adapter, load_adapter, lora_settings,
+                   replace_linear_with_lora)
 from .model import GPTModel, count_parameters, empty_model
 from .tokenizer import ENDOFTEXT, ENDOFTEXT_ID, get_tokenizer, provision_vocab
 from .train import TrainConfig, Trainer
@@ -50,23 +53,26 @@ def add_model_source_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default)")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
                         help="number format of the weights (default fp32)")
+    parser.add_argument("--lora", metavar="ADAPTER",
+                        help="a LoRA adapter to apply on top of the model: an adapter file (adapter.pt or "
+                             "best.pt of a `train --lora-rank` run) or a Hugging Face PEFT adapter folder")
 
 
 def load_model_from_args(args: argparse.Namespace) -> tuple[GPTModel, object]:
-    """The model the arguments name, on its device in eval mode, and its tokenizer."""
+    """The model the arguments name (with its LoRA adapter), on its device in eval mode, and its tokenizer."""
     device = resolve_device(args.device)
     if args.gpt2:
         model, tokenizer = load_gpt2(args.gpt2, models_dir=args.models_dir, device=device, base_url=args.base_url)
-        return model.to(resolve_dtype(args.dtype)), tokenizer
-    if args.checkpoint:
-        model = load_model_from_checkpoint(args.checkpoint, device)
+    elif args.checkpoint:
+        model, tokenizer = load_model_from_checkpoint(args.checkpoint, device), get_tokenizer()
     elif args.hf:
-        model = load_hf_gpt2(args.hf, device)
-        return model.to(resolve_dtype(args.dtype)), tokenizer_for_folder(args.hf)
+        model, tokenizer = load_hf_gpt2(args.hf, device), tokenizer_for_folder(args.hf)
     else:
         torch.manual_seed(0)
-        model = GPTModel(gpt2_config(args.preset)).to(device).eval()
-    return model.to(resolve_dtype(args.dtype)), get_tokenizer()
+        model, tokenizer = GPTModel(gpt2_config(args.preset)).to(device).eval(), get_tokenizer()
+    if args.lora:  # on the fp32 weights, which its base's hash was made from
+        load_adapter(args.lora, model)
+    return model.to(resolve_dtype(args.dtype)), tokenizer
 
 
 # --------------------------------------------------------------------------- generate
@@ -144,6 +150,8 @@ TRAIN_EXAMPLES = """examples:
   scratchgpt train --data notes/ --n-layers 4 --emb-dim 256 --n-heads 4 --context-length 128 --out-dir runs/mine
   # fine-tune OpenAI's GPT-2 (124M) on 256-token windows
   scratchgpt train --data notes/ --init gpt2:124M --context-length 256 --lr 1e-4 --max-steps 500 --out-dir runs/ft
+  # the same with LoRA (rank 8 on query and value): 0.3M trainable parameters, writes adapter.pt
+  scratchgpt train --data notes/ --init gpt2:124M --lora-rank 8 --context-length 256 --lr 1e-3 --out-dir runs/lora
   # a corpus larger than memory, on 4 GPUs
   scratchgpt prepare --data corpus/ --out data/corpus.bin
   torchrun --nproc_per_node 4 -m scratchgpt.cli train --data data/corpus.bin --preset 124M --out-dir runs/big
@@ -168,9 +176,18 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     model.add_argument("--context-length", type=int,
                        help="tokens per training window (and the model's context length from scratch)")
     model.add_argument("--drop-rate", type=float, help="dropout probability")
-    model.add_argument("--init", metavar="gpt2:SIZE|FOLDER",
-                       help="fine-tune OpenAI's GPT-2: a size (gpt2:124M) or a folder with its checkpoint")
+    model.add_argument("--init", metavar="gpt2:SIZE|PATH",
+                       help="fine-tune these weights: OpenAI's GPT-2 (a size such as gpt2:124M, or its folder), "
+                            "a Hugging Face GPT-2 folder or a scratchgpt checkpoint (runs/base/best.pt)")
     model.add_argument("--models-dir", help="where GPT-2 downloads are kept (for --init gpt2:SIZE)")
+    lora = p.add_argument_group("LoRA (train small adapters on the frozen --init model; the run writes adapter.pt)")
+    lora.add_argument("--lora-rank", type=int, help="rank of the adapters, e.g. 8: turns LoRA on")
+    lora.add_argument("--lora-alpha", type=float,
+                      help="the adapters add (alpha / rank) x A B to a layer's output (default 2 x rank)")
+    lora.add_argument("--lora-dropout", type=float, help="dropout on the adapters' input (default 0)")
+    lora.add_argument("--lora-targets", nargs="+", metavar="LAYER",
+                      help="layers to adapt: query key value out_proj ff_in ff_out out_head, all, or module "
+                           "names such as trf_blocks.11.att.W_query (default: query value)")
     run = p.add_argument_group("run")
     run.add_argument("--out-dir", default="runs/train", help="folder for checkpoints, metrics and plot")
     run.add_argument("--resume", action="store_true", help="continue exactly from --out-dir/last.pt")
@@ -196,27 +213,58 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_train)
 
 
-def _train_model(args: argparse.Namespace, vocab_size: int) -> tuple[GPTModel, object | None]:
-    """The model `train` starts from (and GPT-2's tokenizer when --init loads one)."""
+def _init_source(init: str) -> str:
+    """How a run names the weights it started from: gpt2:SIZE, or the absolute path of a folder or file."""
+    size = init.removeprefix("gpt2:")
+    return f"gpt2:{size}" if size in GPT2_SIZES else str(Path(init).resolve())
+
+
+def _load_init(source: str, args: argparse.Namespace, overrides: dict) -> tuple[GPTModel, object | None]:
+    """The model `--init` names (gpt2:SIZE, an OpenAI or HF GPT-2 folder, a checkpoint), with
+    --drop-rate applied; and the folder's tokenizer when it has one."""
+    shape = sorted(key for key in overrides if key != "drop_rate")
+    if shape:
+        raise ValueError(f"--init {source} fixes the model's shape; drop the flags that change it: {shape}")
+    path = Path(source)
+    if path.is_file() or (path / "config.json").is_file():  # a scratchgpt checkpoint or an HF folder
+        model, tokenizer = load_model(detect_format(path), path), tokenizer_for_folder(path) if path.is_dir() else None
+    else:  # a GPT-2 size or an OpenAI folder (load_gpt2 names what it is not)
+        kwargs = {"models_dir": args.models_dir} if args.models_dir else {}
+        model, tokenizer = load_gpt2(source.removeprefix("gpt2:"), device="cpu", **kwargs)
+    if "drop_rate" in overrides:  # GPT-2 loads with dropout off; fine-tuning may want it back
+        tuned = empty_model({**model.cfg.to_dict(), "drop_rate": overrides["drop_rate"]})
+        tuned.load_state_dict(model.state_dict())  # every weight: no random initialisation needed
+        model = tuned
+    return model, tokenizer
+
+
+def _train_model(args: argparse.Namespace, vocab_size: int) -> tuple[GPTModel, object | None, str | None]:
+    """The model `train` starts from, GPT-2's tokenizer when --init loads one, and where it came from."""
     overrides = {key: value for key, value in (
         ("n_layers", args.n_layers), ("emb_dim", args.emb_dim), ("n_heads", args.n_heads),
         ("drop_rate", args.drop_rate)) if value is not None}
     last = Path(args.out_dir) / "last.pt"
-    if args.resume and last.is_file():  # the checkpoint's shape; its weights are loaded by the Trainer
-        cfg = {**safe_load(last)["config"], **overrides}
-        return GPTModel(cfg), None
+    lora = args.lora_rank is not None
+    if args.resume and last.is_file():
+        state = safe_load(last)
+        if is_adapter(state):  # a LoRA run: the base comes from where it came from, the adapter from last.pt
+            if not lora:
+                raise ValueError(f"{last} is a LoRA run ({describe_lora(state['layers'])}): resume it with the "
+                                 f"same --lora-* flags")
+            source = _init_source(args.init) if args.init else state["base"]["source"]
+            if source is None:
+                raise ValueError(f"{last} does not name its base: give it with --init")
+            return (*_load_init(source, args, overrides), source)
+        if lora:
+            raise ValueError(f"{last} is not a LoRA run: resume it without the --lora-* flags")
+        cfg = {**state["config"], **overrides}  # the checkpoint's shape; its weights are loaded by the Trainer
+        return GPTModel(cfg), None, state.get("train_config", {}).get("init")
     if args.init:
-        shape = sorted(key for key in overrides if key != "drop_rate")
-        if shape:
-            raise ValueError(f"--init {args.init} fixes the model's shape; drop the flags that change it: {shape}")
-        source = args.init.removeprefix("gpt2:")
-        kwargs = {"models_dir": args.models_dir} if args.models_dir else {}
-        model, tokenizer = load_gpt2(source, device="cpu", **kwargs)
-        if "drop_rate" in overrides:  # GPT-2 loads with dropout off; fine-tuning may want it back
-            tuned = empty_model({**model.cfg.to_dict(), "drop_rate": overrides["drop_rate"]})
-            tuned.load_state_dict(model.state_dict())  # every weight: no random initialisation needed
-            model = tuned
-        return model, tokenizer
+        source = _init_source(args.init)
+        return (*_load_init(source, args, overrides), source)
+    if lora:
+        raise ValueError("--lora-rank adapts a trained model: name it with --init "
+                         "(gpt2:SIZE, a GPT-2 folder or a scratchgpt checkpoint)")
     if args.config:
         cfg = json.loads(Path(args.config).read_text())
         if not isinstance(cfg, dict):
@@ -229,10 +277,33 @@ def _train_model(args: argparse.Namespace, vocab_size: int) -> tuple[GPTModel, o
     if args.context_length:
         cfg["context_length"] = args.context_length
     torch.manual_seed(args.seed)
-    return GPTModel(cfg), None
+    return GPTModel(cfg), None, None
+
+
+def _check_lora_flags(args: argparse.Namespace) -> None:
+    """LoRA flags make sense together and with --lora-rank; checked before any model loads."""
+    if args.lora_rank is None:
+        given = [flag for flag, value in (("--lora-alpha", args.lora_alpha), ("--lora-dropout", args.lora_dropout),
+                                          ("--lora-targets", args.lora_targets)) if value is not None]
+        if given:
+            raise ValueError(f"{given[0]} needs --lora-rank")
+        return
+    check_lora_hyperparameters(args.lora_rank, _lora_alpha(args), args.lora_dropout or 0.0)
+
+
+def _lora_alpha(args: argparse.Namespace) -> float:
+    return args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_rank
+
+
+def _add_lora(model: GPTModel, args: argparse.Namespace, keep_training: list[str]) -> None:
+    """Wrap the --lora-targets layers and freeze the rest, except `keep_training` (what a task added)."""
+    torch.manual_seed(args.seed)  # the adapters' random A: the same in every run of the same command
+    replace_linear_with_lora(model, args.lora_rank, _lora_alpha(args), targets=args.lora_targets or ("query", "value"),
+                             dropout=args.lora_dropout or 0.0, modules_to_save=keep_training)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    _check_lora_flags(args)
     tokenizer = get_tokenizer()
     token_files = [path for path in args.data or () if is_token_file(path)]
     if token_files and len(args.data) > 1:
@@ -243,22 +314,30 @@ def cmd_train(args: argparse.Namespace) -> None:
         text = load_corpus(args.data or (), args.corpus, args.encoding_errors)
         tokens = np.asarray(tokenizer.encode(text, allowed_special={ENDOFTEXT}), dtype=np.uint16)
     train_tokens, val_tokens = split_tokens(tokens, args.val_fraction)
-    model, gpt2_tokenizer = _train_model(args, tokenizer.n_vocab)
+    model, gpt2_tokenizer, init_source = _train_model(args, tokenizer.n_vocab)
     if model.cfg.vocab_size < tokenizer.n_vocab:
         raise ValueError(f"the model's vocab_size {model.cfg.vocab_size} is smaller than the GPT-2 tokenizer's "
                          f"{tokenizer.n_vocab}: its token ids would not fit")
+    loaded = {id(p) for p in model.parameters()}
+    # A task's changes to the model (a new head, freezing) go here, before LoRA: what they add keeps training.
+    if args.lora_rank is not None:
+        _add_lora(model, args, [name for name, p in model.named_parameters() if id(p) not in loaded])
     config = TrainConfig(
         out_dir=args.out_dir, batch_size=args.batch_size, grad_accum=args.grad_accum,
         context_length=args.context_length, max_steps=args.max_steps, max_minutes=args.max_minutes,
         lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup=args.warmup, weight_decay=args.weight_decay,
         grad_clip=args.grad_clip, dtype=args.dtype, compile=args.compile, eval_every=args.eval_every,
         eval_iters=args.eval_iters, sample_prompt=args.sample_prompt, sample_tokens=args.sample_tokens,
-        seed=args.seed, deterministic=args.deterministic, device=args.device, resume=args.resume)
+        seed=args.seed, deterministic=args.deterministic, device=args.device, resume=args.resume, init=init_source)
     trainer = Trainer(model, (train_tokens, val_tokens), config, tokenizer=gpt2_tokenizer or tokenizer)
     if trainer.dist.is_main:
         counts = count_parameters(trainer.raw_model)
         print(f"{counts['untied']:,} parameters | {len(train_tokens):,} train and {len(val_tokens):,} val tokens"
               f" | {trainer.global_batch} x {trainer.task.window} tokens per step | device {trainer.device}")
+        if args.lora_rank is not None:
+            trainable = sum(p.numel() for p in trainer.raw_model.parameters() if p.requires_grad)
+            print(f"LoRA: {describe_lora(lora_settings(trainer.raw_model))} | {trainable:,} trainable parameters "
+                  f"({trainable / counts['untied']:.2%}); the base is frozen")
     try:
         result = trainer.train()
     finally:
@@ -267,8 +346,9 @@ def cmd_train(args: argparse.Namespace) -> None:
         raise KeyboardInterrupt
     if trainer.dist.is_main:
         best = "n/a" if result.best_val_loss is None else f"{result.best_val_loss:.3f}"
+        final = "adapter.pt" if args.lora_rank is not None else "model.pth + model.json"
         print(f"done: step {result.step}, {result.tokens_seen:,} tokens; best val loss "
-              f"{best}; wrote {args.out_dir}/ (last.pt, best.pt, model.pth + model.json, loss.png)")
+              f"{best}; wrote {args.out_dir}/ (last.pt, best.pt, {final}, loss.png)")
 
 
 def add_prepare_parser(sub: argparse._SubParsersAction) -> None:
@@ -310,17 +390,28 @@ def cmd_download(args: argparse.Namespace) -> None:
 def add_convert_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert", help="convert a model between OpenAI, Hugging Face and checkpoint formats",
                        description="Convert a GPT-2 between an OpenAI folder (TensorFlow checkpoint, no TensorFlow "
-                                   "needed), a Hugging Face folder (safetensors) and a scratchgpt checkpoint file.")
+                                   "needed), a Hugging Face folder (safetensors) and a scratchgpt checkpoint file; "
+                                   "merge a LoRA adapter into its base (--merge-lora); convert a LoRA adapter "
+                                   "between a scratchgpt adapter file and a Hugging Face PEFT folder.")
     p.add_argument("src", help="the model to convert (folder or checkpoint file)")
     p.add_argument("dst", help="where to write the converted model")
     p.add_argument("--from", dest="src_format", choices=FORMATS, default=None,
                    help="format of SRC (default: detected from its files)")
-    p.add_argument("--to", dest="dst_format", choices=FORMATS, required=True, help="format to write")
+    p.add_argument("--to", dest="dst_format", choices=FORMATS + ADAPTER_FORMATS, required=True,
+                   help="format to write; for LoRA adapters: peft (a Hugging Face PEFT adapter folder) or "
+                        "lora (a scratchgpt adapter file)")
+    p.add_argument("--merge-lora", metavar="ADAPTER",
+                   help="fold this LoRA adapter (file or PEFT folder) into SRC, its base, and write a plain model")
     p.set_defaults(func=cmd_convert)
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    print(convert(args.src, args.dst, args.dst_format, args.src_format))
+    if args.dst_format in ADAPTER_FORMATS:
+        if args.merge_lora:
+            raise ValueError(f"--merge-lora writes a model: choose --to {' or '.join(FORMATS)}")
+        print(convert_adapter(args.src, args.dst, args.dst_format))
+        return
+    print(convert(args.src, args.dst, args.dst_format, args.src_format, lora=args.merge_lora))
 
 
 # --------------------------------------------------------------------------- eval

@@ -32,11 +32,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .checkpoint import load_checkpoint, save_checkpoint, save_model, unwrap_model
+from .checkpoint import atomic_save, load_checkpoint, save_checkpoint, save_model, unwrap_model
 from .devices import resolve_dtype
 from .fileio import atomic_write
 from .distributed import all_reduce_sum, any_process, gather_objects, init_distributed
 from .generate import generate
+from .lora import adapter_checkpoint, base_identity, load_adapter, lora_layers, trained_in_full
 from .plot import plot_losses
 from .tasks.base import Task
 from .tokenizer import text_to_token_ids, token_ids_to_text
@@ -214,6 +215,7 @@ class TrainConfig:
     deterministic: bool = False
     device: str = "auto"
     resume: bool = False
+    init: str | None = None  # where the starting weights came from (gpt2:SIZE, a path): a LoRA run's base
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum", "max_steps", "eval_every", "eval_iters"):
@@ -274,6 +276,12 @@ class Trainer:
     Under `torchrun` each process reads its own share of every batch and only
     rank 0 writes. The output folder holds `last.pt` and `best.pt` (checkpoints),
     `metrics.jsonl`, `loss.png` and, at the end, the seed's `model.pth`.
+
+    A model with LoRA layers (`lora.replace_linear_with_lora`) trains only what
+    requires gradients, and its checkpoints hold only that: `last.pt` and
+    `best.pt` are adapter files (plus the training state), its base is named by
+    `config.init` and checked by a hash of its weights on resume, and the run
+    ends with `adapter.pt` instead of `model.pth`.
     """
 
     def __init__(self, model: nn.Module, data: Task | tuple[np.ndarray, np.ndarray],
@@ -288,6 +296,8 @@ class Trainer:
         seed_everything(config.seed + self.dist.rank)
 
         self.raw_model = unwrap_model(model).to(self.device)
+        self.lora_base = (base_identity(self.raw_model, config.init, exclude=trained_in_full(self.raw_model))
+                          if lora_layers(self.raw_model) else None)  # the frozen base, hashed once
         self.micro_batches = config.batch_size * self.dist.world_size  # examples per micro-step, all processes
         self.global_batch = self.micro_batches * config.grad_accum  # examples per optimizer step
         self.task = data if isinstance(data, Task) else self._language_model_task(*data)
@@ -416,19 +426,32 @@ class Trainer:
         rng_states = gather_objects(rng_state(), self.dist)
         if not self.dist.is_main:
             return
-        save_checkpoint(path, self.raw_model, self.optimizer, task=self.task.meta,
-                        train_config=asdict(self.config), step=self.step, tokens_seen=self.tokens_seen,
-                        best_val_loss=self.best_val_loss, history=self.history,
-                        scheduler_state_dict=self.scheduler.state_dict(),
-                        scaler_state_dict=self.scaler.state_dict(), rng_states=rng_states,
-                        data_position={"epoch": self.epoch, "offset": self.offset},
-                        world_size=self.dist.world_size)
+        self._write(path, self.optimizer, task=self.task.meta,
+                    train_config=asdict(self.config), step=self.step, tokens_seen=self.tokens_seen,
+                    best_val_loss=self.best_val_loss, history=self.history,
+                    scheduler_state_dict=self.scheduler.state_dict(),
+                    scaler_state_dict=self.scaler.state_dict(), rng_states=rng_states,
+                    data_position={"epoch": self.epoch, "offset": self.offset},
+                    world_size=self.dist.world_size)
         self.last_checkpoint = path
+
+    def _write(self, path: Path, optimizer: torch.optim.Optimizer | None = None, **extra: Any) -> None:
+        """A checkpoint of the whole model, or for a LoRA run only of its adapter (the base
+        stays where it came from: copying a large frozen model at every evaluation is the cost
+        LoRA avoids)."""
+        if self.lora_base is None:
+            save_checkpoint(path, self.raw_model, optimizer, **extra)
+            return
+        state = adapter_checkpoint(self.raw_model, self.lora_base)
+        if optimizer is not None:
+            state["optimizer_state_dict"] = optimizer.state_dict()
+        atomic_save({**state, **extra}, path)
 
     def _resume(self, path: Path) -> None:
         if not path.is_file():
             raise FileNotFoundError(f"cannot resume: {path} not found (run without --resume to start)")
-        extra = load_checkpoint(path, self.raw_model, self.optimizer)
+        load = load_adapter if self.lora_base is not None else load_checkpoint
+        extra = load(path, self.raw_model, self.optimizer)
         if extra.get("task", {}) != self.task.meta:
             raise ValueError(f"cannot resume: {path} was trained on task {extra.get('task', {})}, "
                              f"not {self.task.meta}")
@@ -488,8 +511,8 @@ class Trainer:
             self.best_val_loss = val_loss
         self.save(self.out_dir / "last.pt")
         if improved and self.dist.is_main:
-            save_checkpoint(self.out_dir / "best.pt", self.raw_model, task=self.task.meta, step=self.step,
-                            val_loss=val_loss, tokens_seen=self.tokens_seen)
+            self._write(self.out_dir / "best.pt", task=self.task.meta, step=self.step, val_loss=val_loss,
+                        tokens_seen=self.tokens_seen)
 
     # ----------------------------------------------------------------- the loop
 
@@ -529,6 +552,9 @@ class Trainer:
             print(f"interrupted at step {self.step}: saved {self.out_dir / 'last.pt'}; "
                   f"continue with the same command and --resume")
         if not interrupted and self.dist.is_main:
-            save_model(self.out_dir / "model.pth", self.raw_model)
+            if self.lora_base is None:
+                save_model(self.out_dir / "model.pth", self.raw_model)
+            else:
+                self._write(self.out_dir / "adapter.pt", task=self.task.meta)
         return TrainResult(self.step, self.tokens_seen, last_eval.get("train_loss"), last_eval.get("val_loss"),
                            self.best_val_loss, interrupted, self.last_checkpoint, losses)

@@ -3,6 +3,8 @@
 - `openai`: an OpenAI model folder (`hparams.json` + TensorFlow checkpoint), as downloaded;
 - `hf`: a Hugging Face folder (`config.json` + `model.safetensors`);
 - `checkpoint`: a scratchgpt checkpoint file (`save_checkpoint`).
+
+A LoRA adapter can be merged into the model on the way (`lora`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import load_model_from_checkpoint, save_checkpoint
+from ..lora import load_adapter, merge_lora
 from ..model import GPTModel
 from .hf import load_hf_gpt2, save_hf_gpt2
 from .load import load_gpt2_from_folder, save_gpt2_tf
@@ -55,8 +58,10 @@ def save_model(fmt: str, model: GPTModel, path: str | os.PathLike) -> Path:
     raise ValueError(f"unknown model format {fmt!r}; choose one of {list(FORMATS)}")
 
 
-def convert(src: str | os.PathLike, dst: str | os.PathLike, dst_format: str, src_format: str | None = None) -> Path:
-    """Load the model at `src` (format detected unless given) and store it at `dst` as `dst_format`.
+def convert(src: str | os.PathLike, dst: str | os.PathLike, dst_format: str, src_format: str | None = None,
+            lora: str | os.PathLike | None = None) -> Path:
+    """Load the model at `src` (format detected unless given) and store it at `dst` as `dst_format`;
+    with `lora`, an adapter for that model (file or PEFT folder), merged into its weights.
 
     A source folder's tokenizer files (`encoder.json` + `vocab.bpe`) go along
     into a destination folder, so `load_gpt2` and `--hf` find the vocabulary there.
@@ -65,7 +70,11 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dst_format: str, src
     src_format = src_format or detect_format(src)
     if src.resolve() == dst.resolve():
         raise ValueError(f"{dst}: source and destination are the same")
-    out = save_model(dst_format, load_model(src_format, src), dst)
+    model = load_model(src_format, src)
+    if lora is not None:
+        load_adapter(lora, model)
+        model = merge_lora(model)
+    out = save_model(dst_format, model, dst)
     if dst_format != "checkpoint" and all((src / name).is_file() for name in VOCAB_FILES):
         for name in VOCAB_FILES:
             shutil.copyfile(src / name, out / name)

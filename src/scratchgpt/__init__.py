@@ -15,6 +15,7 @@ from .gpt2.load import (
     save_gpt2_tf,
 )
 from .gpt2.tf_checkpoint import TFCheckpointReader, write_tf_checkpoint
+from .kernels import quantize_model
 from .model import (
     GELU,
     FeedForward,
@@ -74,4 +75,5 @@ __all__ = [
     "save_hf_gpt2",
     "TFCheckpointReader",
     "write_tf_checkpoint",
+    "quantize_model",
 ]

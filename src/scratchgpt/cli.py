@@ -26,6 +26,7 @@ from .gpt2.convert import FORMATS, convert
 from .gpt2.download import download_gpt2_files
 from .gpt2.hf import load_hf_gpt2
 from .gpt2.load import load_gpt2, tokenizer_for_folder
+from .kernels import QUANTIZATIONS, quantize_model
 from .model import GPTModel, count_parameters, empty_model
 from .tokenizer import ENDOFTEXT, ENDOFTEXT_ID, get_tokenizer, provision_vocab
 from .train import TrainConfig, Trainer
@@ -50,10 +51,20 @@ def add_model_source_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default)")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
                         help="number format of the weights (default fp32)")
+    parser.add_argument("--quantize", choices=list(QUANTIZATIONS), default=None,
+                        help="int8: every linear layer's weights as int8 with a scale per output channel, a "
+                             "quarter of fp32's bytes and faster CPU decoding; activations keep --dtype")
 
 
 def load_model_from_args(args: argparse.Namespace) -> tuple[GPTModel, object]:
-    """The model the arguments name, on its device in eval mode, and its tokenizer."""
+    """The model the arguments name, on its device in eval mode, quantized if asked, and its tokenizer."""
+    model, tokenizer = _load_float_model(args)
+    if args.quantize:
+        quantize_model(model, args.quantize)
+    return model, tokenizer
+
+
+def _load_float_model(args: argparse.Namespace) -> tuple[GPTModel, object]:
     device = resolve_device(args.device)
     if args.gpt2:
         model, tokenizer = load_gpt2(args.gpt2, models_dir=args.models_dir, device=device, base_url=args.base_url)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import platform
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -62,8 +63,9 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _onednn_serves(x, self.weight):
-            weight = self.weight if x.dtype == torch.float32 else _packed_bf16(self.weight)
-            return torch.ops.mkldnn._linear_pointwise(x, weight, self.bias, "none", [], "")
+            if torch.compiler.is_compiling():
+                return onednn_linear(x, self.weight, self.bias)  # one opaque op in the graph
+            return _onednn_linear(x, self.weight, self.bias)  # eager: no trip through the dispatcher
         return F.linear(x, self.weight, self.bias)
 
     def _apply(self, fn, recurse=True):
@@ -81,15 +83,32 @@ def _onednn_serves(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether oneDNN computes this product: CPU inference in fp32 or bf16.
 
     oneDNN has no backward here, so with grad mode on this is `F.linear` (even for
-    frozen weights); so it is under autocast, which casts only the ops it knows,
-    and under `torch.compile`, which picks its own kernels.
+    frozen weights); so it is under autocast, which casts only the ops it knows.
     `set_enabled(False)` or `torch.backends.mkldnn.enabled = False` turns it off.
     """
     return (_ONEDNN_LINEAR and _enabled and not torch.is_grad_enabled()
             and x.device.type == weight.device.type == "cpu"
             and x.dtype == weight.dtype and x.dtype in (torch.float32, torch.bfloat16)
-            and not torch.is_autocast_enabled("cpu") and torch.backends.mkldnn.enabled
-            and not torch.compiler.is_compiling())
+            and not torch.is_autocast_enabled("cpu") and torch.backends.mkldnn.enabled)
+
+
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight.T + bias through oneDNN (bf16 weights packed, see `_packed_bf16`)."""
+    packed = weight if x.dtype == torch.float32 else _packed_bf16(weight)
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+@torch.library.custom_op("scratchgpt::onednn_linear", mutates_args=())
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`_onednn_linear` as a custom operator, so that `torch.compile` keeps it as one opaque
+    call: inductor's own lowering of the oneDNN op accepts only weights it packed itself
+    (frozen graphs), and without it compiled graphs would multiply through MKL at half the speed."""
+    return _onednn_linear(x, weight, bias)
+
+
+@onednn_linear.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
 # bf16 weight -> ((_version, storage address), weak ref to that storage, packed copy)
@@ -175,13 +194,9 @@ class Int8Linear(nn.Module):
             raise RuntimeError("int8-quantized layers are for inference only (model.eval()); train the float "
                                "model and quantize it afterwards")
         if _int8_kernel_serves(x, self.weight_int8):
-            shape = x.shape
-            y = torch.ops.aten._weight_int8pack_mm(
-                x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous(), self.weight_int8, self._bf16_scale())
-            y = y.to(x.dtype)
-            if self.bias is not None:
-                y += self.bias
-            return y.view(*shape[:-1], self.out_features)
+            if torch.compiler.is_compiling():  # one opaque op in the graph, which computes the bf16 scales
+                return int8_linear(x, self.weight_int8, self.weight_scale.to(torch.bfloat16), self.bias)
+            return _int8_linear(x, self.weight_int8, self._bf16_scale(), self.bias)
         return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
 
     def _bf16_scale(self) -> torch.Tensor:
@@ -234,6 +249,31 @@ def _int8_kernel_serves(x: torch.Tensor, weight_int8: torch.Tensor) -> bool:
             and not torch.is_autocast_enabled("cpu"))
 
 
+def _int8_linear(x: torch.Tensor, weight_int8: torch.Tensor, scale_bf16: torch.Tensor,
+                 bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ (weight_int8 * scale).T + bias through PyTorch's int8 CPU kernel, in bf16, returned in x's dtype."""
+    out_features, in_features = weight_int8.shape
+    y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, in_features).to(torch.bfloat16).contiguous(),
+                                           weight_int8, scale_bf16).to(x.dtype)
+    if bias is not None:
+        y += bias
+    return y.view(*x.shape[:-1], out_features)
+
+
+@torch.library.custom_op("scratchgpt::int8_linear", mutates_args=())
+def int8_linear(x: torch.Tensor, weight_int8: torch.Tensor, scale_bf16: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor:
+    """`_int8_linear` as a custom operator for `torch.compile` (inductor's lowering of the int8
+    kernel fails on inputs it computed itself, such as the bf16 activations)."""
+    return _int8_linear(x, weight_int8, scale_bf16, bias)
+
+
+@int8_linear.register_fake
+def _(x: torch.Tensor, weight_int8: torch.Tensor, scale_bf16: torch.Tensor,
+      bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight_int8.shape[0])
+
+
 def quantize_model(model: nn.Module, quantization: str = "int8") -> nn.Module:
     """Replace every linear layer of `model`, the output head included, by its int8 form, in place.
 
@@ -265,3 +305,92 @@ def check_quantization(model: nn.Module, state_dict: dict[str, torch.Tensor], so
         raise ValueError(f"{source} holds {have or 'float'} weights but the model is {want or 'float'}: "
                          + ("quantize the model with quantize_model(model, 'int8') before loading"
                             if have else "load the float weights into a float model, then quantize it"))
+
+
+# ------------------------------------------------------------------------------- compiled decoding
+
+class CompiledDecoder:
+    """Decode steps, one new token per row of a KVCache, through one compiled graph.
+
+    `decoder(tokens, cache)` with tokens [B, 1] returns what `model(tokens, cache=cache,
+    logits_from=-1)` returns, the logits [B, 1, V], and appends to the cache the same way.
+    `torch.compile` fuses the layer norms, GELUs, adds and cache writes and drops the
+    Python work between the matrix products. The graph sees no Python number that
+    changes from step to step: the rows' positions are a tensor and the attended length
+    is a dynamic dimension of the attention mask, so it compiles once per model and batch
+    size (for GPT-2 124M about a minute on 2 cores), not once per step.
+
+    Prefill (several tokens per row), `set_enabled(False)` and an empty cache run the
+    model eagerly. `compiled_decoder(model)` keeps one decoder per model.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self._compiled = torch.compile(self._forward, fullgraph=True)
+
+    def _forward(self, tokens: torch.Tensor, step: "_StepCache") -> torch.Tensor:
+        return self.model(tokens, cache=step, logits_from=-1)
+
+    def __call__(self, tokens: torch.Tensor, cache) -> torch.Tensor:
+        lengths = cache.lengths
+        kv_len = max(lengths) + 1
+        if not _enabled or tokens.shape[1] != 1 or kv_len < 2:
+            return self.model(tokens, cache=cache, logits_from=-1)
+        if kv_len > cache.max_len:
+            raise ValueError(f"{max(lengths)} cached + 1 new token exceed the KV cache's {cache.max_len} positions")
+        positions = torch.tensor(lengths, device=tokens.device)[:, None]  # [B, 1]
+        # each row attends to its own positions up to the new one: [B, 1 (heads), 1 (token), kv_len]
+        mask = (torch.arange(kv_len, device=tokens.device) <= positions[:, :, None]).unsqueeze(1)
+        torch._dynamo.mark_dynamic(mask, 3)
+        logits = self._compiled(tokens, _StepCache(cache, positions, mask))
+        for row, length in enumerate(lengths):
+            cache.set_length(row, length + 1)
+        return logits
+
+
+_DECODERS: "weakref.WeakKeyDictionary[nn.Module, CompiledDecoder]" = weakref.WeakKeyDictionary()
+
+
+def compiled_decoder(model: nn.Module) -> CompiledDecoder:
+    """The CompiledDecoder of `model`, made on first use (so that it compiles once)."""
+    decoder = _DECODERS.get(model)
+    if decoder is None:
+        decoder = _DECODERS[model] = CompiledDecoder(model)
+    return decoder
+
+
+class _StepCache:
+    """A KVCache as one compiled decode step sees it.
+
+    The model's forward calls `begin`, each layer's `append` and `end` as on a KVCache;
+    here every value that changes between steps is a tensor: the positions to write
+    (the writes of KVCache's ragged path) and, through the mask's last dimension, how
+    many positions to attend to. The lengths advance outside the graph.
+    """
+
+    def __init__(self, cache, positions: torch.Tensor, mask: torch.Tensor):
+        self.batch_size = cache.batch_size
+        self.keys, self.values = cache.keys, cache.values
+        self.positions, self.mask = positions, mask
+        self.rows = torch.arange(cache.batch_size, device=positions.device)[:, None]  # [B, 1]
+        self.layers = [_StepLayer(self, i) for i in range(len(cache.keys))]
+
+    def begin(self, num_tokens: int, device: torch.device) -> torch.Tensor:
+        return self.positions
+
+    def end(self) -> None:
+        pass
+
+
+class _StepLayer:
+    def __init__(self, step: _StepCache, index: int):
+        self.step, self.index = step, index
+
+    def append(self, k: torch.Tensor, v: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+        step = self.step
+        keys, values = step.keys[self.index], step.values[self.index]
+        keys[step.rows, :, step.positions] = k.transpose(1, 2)  # row b's token goes to positions[b]
+        values[step.rows, :, step.positions] = v.transpose(1, 2)
+        kv_len = step.mask.shape[-1]
+        return keys[:, :, :kv_len], values[:, :, :kv_len], step.mask, False

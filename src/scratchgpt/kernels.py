@@ -341,7 +341,7 @@ class CompiledDecoder:
         positions = torch.tensor(lengths, device=tokens.device)[:, None]  # [B, 1]
         # each row attends to its own positions up to the new one: [B, 1 (heads), 1 (token), kv_len]
         mask = (torch.arange(kv_len, device=tokens.device) <= positions[:, :, None]).unsqueeze(1)
-        torch._dynamo.mark_dynamic(mask, 3)
+        torch._dynamo.decorators.mark_unbacked(mask, 3)
         logits = self._compiled(tokens, _StepCache(cache, positions, mask))
         for row, length in enumerate(lengths):
             cache.set_length(row, length + 1)
@@ -393,4 +393,6 @@ class _StepLayer:
         keys[step.rows, :, step.positions] = k.transpose(1, 2)  # row b's token goes to positions[b]
         values[step.rows, :, step.positions] = v.transpose(1, 2)
         kv_len = step.mask.shape[-1]
+        torch._check(2 <= kv_len)  # what __call__ ensures, told to the compiler, which sees kv_len as a symbol
+        torch._check(kv_len <= keys.shape[2])
         return keys[:, :, :kv_len], values[:, :, :kv_len], step.mask, False

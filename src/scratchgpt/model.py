@@ -76,8 +76,10 @@ class KVCache:
             )
         weight = model.tok_emb.weight
         shape = (batch_size, cfg.n_heads, max_len, cfg.head_dim)
-        self.keys = [torch.empty(shape, dtype=weight.dtype, device=weight.device) for _ in range(cfg.n_layers)]
-        self.values = [torch.empty(shape, dtype=weight.dtype, device=weight.device) for _ in range(cfg.n_layers)]
+        # zeros, not empty: a ragged batch's shorter rows multiply the positions they may not
+        # attend to by a weight of 0, and 0 x NaN from uninitialised memory would be NaN
+        self.keys = [torch.zeros(shape, dtype=weight.dtype, device=weight.device) for _ in range(cfg.n_layers)]
+        self.values = [torch.zeros(shape, dtype=weight.dtype, device=weight.device) for _ in range(cfg.n_layers)]
         self._lengths = [0] * batch_size  # host-side: shapes and masks need no device sync
         self._first, self.batch_size, self.max_len = 0, batch_size, max_len
         self.layers = [LayerKV(self, i) for i in range(cfg.n_layers)]

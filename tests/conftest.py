@@ -41,3 +41,13 @@ def tokenizer():
         if os.environ.get("CI"):  # CI provisions the vocabulary: its absence there is a failure
             pytest.fail(str(exc))
         pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small models run as fast on one thread, and a second thread waiting for a busy core at every
+    operator made forward passes up to 100x slower on the shared 2-core machines."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -45,3 +46,48 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(before)
+
+
+TRAINED_CONFIG = {"vocab_size": 256, "context_length": 64, "emb_dim": 64, "n_heads": 4,
+                  "n_layers": 2, "drop_rate": 0.0, "qkv_bias": True}
+
+
+def byte_text_ids() -> tuple[torch.Tensor, torch.Tensor]:
+    """The pydoc corpus as UTF-8 byte ids: the first 90% to train on, the rest held out."""
+    from scratchgpt.data import builtin_corpus
+
+    ids = torch.frombuffer(bytearray(builtin_corpus("pydoc").encode()), dtype=torch.uint8).long()
+    cut = int(0.9 * len(ids))
+    return ids[:cut], ids[cut:]
+
+
+@functools.lru_cache(maxsize=1)
+def _trained_state() -> tuple[tuple[str, torch.Tensor], ...]:
+    torch.manual_seed(0)
+    model = GPTModel(TRAINED_CONFIG)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    train, _ = byte_text_ids()
+    context, batch = TRAINED_CONFIG["context_length"], 16
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(TRAINED_STEPS):
+        starts = torch.randint(0, len(train) - context - 1, (batch,), generator=generator)
+        windows = torch.stack([train[s:s + context + 1] for s in starts.tolist()])
+        logits = model(windows[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return tuple((k, v.detach().clone()) for k, v in model.state_dict().items())
+
+
+TRAINED_STEPS = 300
+
+
+def trained_model() -> GPTModel:
+    """A small byte-level GPTModel (vocab 256, 2 layers, 64 wide) trained for a few seconds on the
+    pydoc corpus, in eval mode: a fresh copy each call. Trained, its top logits stand apart, so a
+    fast path that changes them slightly still picks the same greedy tokens; random weights give
+    near-ties that any rounding decides."""
+    model = GPTModel(TRAINED_CONFIG)
+    model.load_state_dict(dict(_trained_state()))
+    return model.eval()

@@ -1,10 +1,14 @@
-"""The fast paths stay correct: oneDNN inference in `Linear` and the bf16 inference mode."""
+"""The fast paths stay correct: oneDNN inference in `Linear`, the bf16 inference mode, int8 weights,
+compiled decode steps and ragged batches, each against the plain PyTorch path (kernels switched off)."""
 
 from __future__ import annotations
 
 import copy
 import gc
 import io
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -12,9 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import sharp_model, tiny_config
-from scratchgpt import GPTModel, generate
-from scratchgpt.kernels import _ONEDNN_LINEAR, Linear
+from helpers import byte_text_ids, sharp_model, tiny_config, trained_model
+from scratchgpt import GPTModel, KVCache, generate, quantize_model
+from scratchgpt.kernels import _ONEDNN_LINEAR, Linear, compiled_decoder, set_enabled
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 needs_onednn = pytest.mark.skipif(not _ONEDNN_LINEAR, reason="oneDNN linear is used on x86 CPUs only")
 
@@ -156,7 +162,7 @@ def test_model_logits_without_grad_equal_those_with_grad():
 
 
 def test_compiled_model_infers_without_grad():
-    # inductor cannot lower the oneDNN op from an unfrozen graph: under compile Linear is F.linear
+    # under compile Linear's oneDNN product is one custom op (inductor's lowering wants frozen weights)
     model = sharp_model(seed=5).eval()
     idx = torch.randint(0, 384, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -179,3 +185,143 @@ def test_bf16_inference_close_to_fp32():
     assert (got - ref).abs().max().item() <= 0.05 * (ref.max() - ref.min()).item()
     out = generate(low, idx[:, :8], max_new_tokens=10, context_size=64)
     assert out.shape == (1, 18) and out.dtype == idx.dtype
+
+
+# --------------------------------------------------------------------------- every fast path against plain eager
+
+# Largest logit difference from the plain path, as a fraction of the plain logits' spread (max - min),
+# on the trained test model. bf16 and int8 round differently on the fast path (packed bf16 products
+# accumulate in another order; the int8 kernel takes bf16 activations); the rest only reorder fp32 sums.
+TOLERANCE = {"fp32": 1e-4, "bf16": 0.01, "int8": 0.01}
+FORMATS = {"fp32": lambda m: m, "bf16": lambda m: m.to(torch.bfloat16), "int8": quantize_model}
+
+
+@pytest.fixture
+def kernels_off():
+    previous = set_enabled(False)
+    yield
+    set_enabled(previous)
+
+
+def prompts_of(lengths: list[int]) -> list[torch.Tensor]:
+    held_out = byte_text_ids()[1]
+    return [held_out[1000 * i:1000 * i + n] for i, n in enumerate(lengths)]
+
+
+def assert_greedy_agrees(got: torch.Tensor, want: torch.Tensor, reference: torch.nn.Module,
+                         tolerance: float) -> None:
+    """Greedy continuations `got` equal `want`, the reference model's own, token for token, or part
+    only at a near-tie: a step where the reference's top two logits are within 2 x `tolerance` x their
+    spread, where a path whose logits are within that tolerance may rightly pick either."""
+    with torch.no_grad():
+        logits = reference(want[:, :-1]).float()
+    top2 = logits.topk(2, dim=-1).values
+    margins = (top2[..., 0] - top2[..., 1]) / (logits.amax(-1) - logits.amin(-1))
+    for row in range(want.shape[0]):
+        differ = (got[row] != want[row]).nonzero()
+        if len(differ):
+            step = int(differ[0])
+            assert margins[row, step - 1] <= 2 * tolerance, (
+                f"row {row} parts from the reference at position {step}, where the reference's top two logits "
+                f"are {margins[row, step - 1]:.4f} of the spread apart (tolerance {tolerance})")
+
+
+def logits_along(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(tokens).float()
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8"])
+def test_fast_paths_agree_with_the_plain_path_on_a_trained_model(fmt):
+    model = FORMATS[fmt](trained_model())
+    prompts = torch.stack(prompts_of([16] * 4))
+    fast = generate(model, prompts, 32, 64)
+    with torch.no_grad():
+        ops = ops_run(lambda: model(prompts))
+    previous = set_enabled(False)
+    try:
+        plain = generate(model, prompts, 32, 64)
+        want = logits_along(model, fast)
+        assert ops_run(lambda: logits_along(model, prompts)).isdisjoint(
+            {"mkldnn::_linear_pointwise", "aten::_weight_int8pack_mm"})
+        assert_greedy_agrees(fast, plain, model, TOLERANCE[fmt])
+    finally:
+        set_enabled(previous)
+    assert ({"fp32": "mkldnn::_linear_pointwise", "bf16": "mkldnn::_linear_pointwise",
+             "int8": "aten::_weight_int8pack_mm"}[fmt]) in ops
+    got = logits_along(model, fast)
+    assert (got - want).abs().max().item() <= TOLERANCE[fmt] * (want.max() - want.min()).item()
+
+
+def test_the_switch_turns_every_fast_path_off(kernels_off):
+    idx = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))
+    for fmt in FORMATS:
+        model = FORMATS[fmt](trained_model())
+        with torch.no_grad():
+            ops = ops_run(lambda: model(idx))
+        assert ops.isdisjoint({"mkldnn::_linear_pointwise", "mkldnn::_reorder_linear_weight",
+                               "aten::_weight_int8pack_mm"}), fmt
+    code = "from scratchgpt import kernels; print(kernels.enabled())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "SCRATCHGPT_KERNELS": "0"}).stdout.strip()
+    assert out == "False"
+
+
+def ragged_decode(model: torch.nn.Module, prompts: list[torch.Tensor], steps: int, compile: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy decoding of sequences of different lengths together: each prompt is prefilled into its own
+    row of one KVCache, then every step appends one token to every row. Returns tokens [B, steps] and the
+    logits of each step [B, steps, V]."""
+    cache = KVCache(model, len(prompts), max(len(p) for p in prompts) + steps)
+    with torch.no_grad():
+        last = torch.cat([model(p[None], cache=cache.rows(i, i + 1), logits_from=-1)
+                          for i, p in enumerate(prompts)])  # [B, 1, V]
+        tokens, logits = [], []
+        for _ in range(steps):
+            token = last[:, -1].argmax(-1, keepdim=True)
+            tokens.append(token)
+            last = compiled_decoder(model)(token, cache) if compile else model(token, cache=cache, logits_from=-1)
+            logits.append(last.float())
+    return torch.cat(tokens, 1), torch.cat(logits, 1)
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "int8"])
+def test_ragged_batch_decode_equals_each_sequence_alone(fmt):
+    model = FORMATS[fmt](trained_model())
+    prompts = prompts_of([5, 16, 9, 12])
+    tokens, logits = ragged_decode(model, prompts, 12)
+    for i, prompt in enumerate(prompts):
+        alone_tokens, alone_logits = ragged_decode(model, [prompt], 12)
+        assert torch.equal(tokens[i], alone_tokens[0])
+        # a batch changes only the order of fp32 sums (and for int8 the kernel's blocking)
+        assert (logits[i] - alone_logits[0]).abs().max().item() <= 1e-4 * spread_of(alone_logits)
+
+
+def spread_of(logits: torch.Tensor) -> float:
+    return (logits.max() - logits.min()).item()
+
+
+def test_compiled_decoding_equals_eager_and_compiles_once():
+    import torch._dynamo
+
+    model = trained_model()
+    prompts = prompts_of([5, 16, 9])
+    eager_tokens, eager_logits = ragged_decode(model, prompts, 10)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    tokens, logits = ragged_decode(model, prompts, 10, compile=True)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 1  # not one per step
+    assert torch.equal(tokens, eager_tokens)
+    assert (logits - eager_logits).abs().max().item() <= TOLERANCE["fp32"] * spread_of(eager_logits)
+    out = generate(model, torch.stack(prompts_of([16, 16])), 12, 64, compile=True)
+    assert torch.equal(out, generate(model, torch.stack(prompts_of([16, 16])), 12, 64))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["bf16", "int8"])
+def test_compiled_decoding_equals_eager_in_bf16_and_int8(fmt):
+    model = FORMATS[fmt](trained_model())
+    prompts = prompts_of([5, 16, 9])
+    eager_tokens, eager_logits = ragged_decode(model, prompts, 10)
+    tokens, logits = ragged_decode(model, prompts, 10, compile=True)
+    assert torch.equal(tokens, eager_tokens)
+    assert (logits - eager_logits).abs().max().item() <= TOLERANCE[fmt] * spread_of(eager_logits)

@@ -15,6 +15,7 @@ from .gpt2.load import (
     save_gpt2_tf,
 )
 from .gpt2.tf_checkpoint import TFCheckpointReader, write_tf_checkpoint
+from .kernels import quantize_model
 from .lora import (
     LinearWithLoRA,
     LoRALayer,
@@ -88,4 +89,5 @@ __all__ = [
     "merge_lora",
     "save_adapter",
     "load_adapter",
+    "quantize_model",
 ]

@@ -20,6 +20,7 @@ from torch import nn
 
 from .config import GPTConfig
 from .fileio import atomic_write
+from .kernels import check_quantization
 from .model import GPTModel, empty_model
 
 
@@ -84,6 +85,7 @@ def save_model(path: str | os.PathLike, model: nn.Module) -> None:
 
 def check_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
     """Raise one error listing every missing, unexpected or differently shaped tensor."""
+    check_quantization(model, state_dict, source)  # float vs int8: one clear line instead of every key
     expected = model.state_dict()
     problems = [  # shapes first: they say most about how the configs differ
         f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"

@@ -29,6 +29,7 @@ from .gpt2.load import load_gpt2, tokenizer_for_folder
 from .gpt2.peft import ADAPTER_FORMATS, convert_adapter
 from .lora import (check_lora_hyperparameters, describe_lora, is_adapter, load_adapter, lora_settings,
                    replace_linear_with_lora)
+from .kernels import QUANTIZATIONS, quantize_model
 from .model import GPTModel, count_parameters, empty_model
 from .tokenizer import ENDOFTEXT, ENDOFTEXT_ID, get_tokenizer, provision_vocab
 from .train import TrainConfig, Trainer
@@ -56,10 +57,21 @@ def add_model_source_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora", metavar="ADAPTER",
                         help="a LoRA adapter to apply on top of the model: an adapter file (adapter.pt or "
                              "best.pt of a `train --lora-rank` run) or a Hugging Face PEFT adapter folder")
+    parser.add_argument("--quantize", choices=list(QUANTIZATIONS), default=None,
+                        help="int8: every linear layer's weights as int8 with a scale per output channel, a "
+                             "quarter of fp32's bytes and faster CPU decoding; activations keep --dtype")
 
 
 def load_model_from_args(args: argparse.Namespace) -> tuple[GPTModel, object]:
-    """The model the arguments name (with its LoRA adapter), on its device in eval mode, and its tokenizer."""
+    """The model the arguments name (with its LoRA adapter), on its device in eval mode, quantized if
+    asked (a LoRA adapter stays float beside the int8 weights), and its tokenizer."""
+    model, tokenizer = _load_float_model(args)
+    if args.quantize:
+        quantize_model(model, args.quantize)
+    return model, tokenizer
+
+
+def _load_float_model(args: argparse.Namespace) -> tuple[GPTModel, object]:
     device = resolve_device(args.device)
     if args.gpt2:
         model, tokenizer = load_gpt2(args.gpt2, models_dir=args.models_dir, device=device, base_url=args.base_url)

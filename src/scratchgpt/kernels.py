@@ -1,20 +1,46 @@
 """The fast paths the model may take, chosen in one place, beside `model.py`.
 
 `model.py` is the readable model; everything here computes the same numbers
-faster on some hardware, and each is tested against the plain PyTorch path.
-Today: oneDNN's matmul for CPU inference (fp32, and bf16 with weights packed
-into oneDNN's blocked layout).
+faster on some hardware, and each is tested against the plain PyTorch path:
+
+- `Linear`: oneDNN's matmul for CPU inference, fp32, and bf16 with weights packed
+  into oneDNN's blocked layout;
+- `Int8Linear` and `quantize_model`: int8 weights with one fp32 scale per output
+  channel, multiplied by PyTorch's int8 weight kernel on CPU.
+
+One switch turns every fast path off, so that the model runs plain PyTorch (the
+reference): `SCRATCHGPT_KERNELS=0` in the environment, or `set_enabled(False)`.
 """
 
 from __future__ import annotations
 
+import os
 import platform
+import weakref
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.weak import WeakIdKeyDictionary
+
+
+_enabled = os.environ.get("SCRATCHGPT_KERNELS", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def set_enabled(enabled: bool) -> bool:
+    """Turn every fast path in this module on or off (off: plain PyTorch); return the previous setting.
+
+    The environment variable `SCRATCHGPT_KERNELS=0` turns them off from the start.
+    """
+    global _enabled
+    previous, _enabled = _enabled, bool(enabled)
+    return previous
+
+
+def enabled() -> bool:
+    """Whether the fast paths are on (see `set_enabled`)."""
+    return _enabled
 
 
 # oneDNN's matmul (PyTorch's internal `mkldnn::_linear_pointwise` op) on x86 CPUs.
@@ -37,28 +63,52 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _onednn_serves(x, self.weight):
-            weight = self.weight if x.dtype == torch.float32 else _packed_bf16(self.weight)
-            return torch.ops.mkldnn._linear_pointwise(x, weight, self.bias, "none", [], "")
+            if torch.compiler.is_compiling():
+                return onednn_linear(x, self.weight, self.bias)  # one opaque op in the graph
+            return _onednn_linear(x, self.weight, self.bias)  # eager: no trip through the dispatcher
         return F.linear(x, self.weight, self.bias)
 
     def _apply(self, fn, recurse=True):
         _PACKED.pop(self.weight, None)  # .to(), .float(), .cuda() ...: a packed bf16 copy is stale
         return super()._apply(fn, recurse)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if prefix + "weight_int8" in state_dict:
+            raise ValueError(f"{prefix}weight_int8: the state dict holds int8-quantized weights, which a float "
+                             f"model cannot load; quantize the model first (quantize_model(model, 'int8'))")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
 
 def _onednn_serves(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether oneDNN computes this product: CPU inference in fp32 or bf16.
 
     oneDNN has no backward here, so with grad mode on this is `F.linear` (even for
-    frozen weights); so it is under autocast, which casts only the ops it knows,
-    and under `torch.compile`, which picks its own kernels.
-    `torch.backends.mkldnn.enabled = False` turns it off.
+    frozen weights); so it is under autocast, which casts only the ops it knows.
+    `set_enabled(False)` or `torch.backends.mkldnn.enabled = False` turns it off.
     """
-    return (_ONEDNN_LINEAR and not torch.is_grad_enabled()
+    return (_ONEDNN_LINEAR and _enabled and not torch.is_grad_enabled()
             and x.device.type == weight.device.type == "cpu"
             and x.dtype == weight.dtype and x.dtype in (torch.float32, torch.bfloat16)
-            and not torch.is_autocast_enabled("cpu") and torch.backends.mkldnn.enabled
-            and not torch.compiler.is_compiling())
+            and not torch.is_autocast_enabled("cpu") and torch.backends.mkldnn.enabled)
+
+
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight.T + bias through oneDNN (bf16 weights packed, see `_packed_bf16`)."""
+    packed = weight if x.dtype == torch.float32 else _packed_bf16(weight)
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+@torch.library.custom_op("scratchgpt::onednn_linear", mutates_args=())
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`_onednn_linear` as a custom operator, so that `torch.compile` keeps it as one opaque
+    call: inductor's own lowering of the oneDNN op accepts only weights it packed itself
+    (frozen graphs), and without it compiled graphs would multiply through MKL at half the speed."""
+    return _onednn_linear(x, weight, bias)
+
+
+@onednn_linear.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
 # bf16 weight -> ((_version, storage address), weak ref to that storage, packed copy)
@@ -88,3 +138,261 @@ def _packed_bf16(weight: torch.Tensor) -> torch.Tensor:
         cached = (stamp, storage, packed)
         _PACKED[weight] = cached
     return cached[2]
+
+
+# ------------------------------------------------------------------------------- int8 weights
+
+QUANTIZATIONS = ("int8",)
+
+
+class Int8Linear(nn.Module):
+    """A linear layer for inference whose weight is int8 with one fp32 scale per output channel.
+
+    Symmetric per-output-channel quantization: row n of the weight is stored as
+    `weight_int8[n] = round(weight[n] / weight_scale[n])` with `weight_scale[n] =
+    max|weight[n]| / 127`, a quarter of fp32's bytes. Activations stay in the model's
+    float format (fp32 or bf16), and so does the bias.
+
+    The product is `x @ (weight_int8 * weight_scale[:, None]).T + bias`: on CPUs it is
+    PyTorch's int8 weight kernel (`aten._weight_int8pack_mm`, fed bf16 activations:
+    with fp32 ones it runs about 15x slower), elsewhere (CUDA, MPS) and with the fast
+    paths off the weight is dequantized for each product (`dequantized_weight`), which is
+    the reference the kernel is tested against. The scales stay fp32 when the model is
+    cast (`.to(torch.bfloat16)` casts the activations' format, not the stored weights).
+    Inference only: a layer in training mode refuses to run.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+        self._kernel_scale: tuple[tuple[int, int], torch.Tensor] | None = None
+        self.eval()  # inference only
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
+        """The int8 form of `linear` (its weight is read, not kept)."""
+        weight = linear.weight.detach()
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None,
+                    device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            layer.weight_int8.copy_(_quantize_rows(weight))
+            layer.weight_scale.copy_(_row_scales(weight))
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+        return layer
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight the int8 values stand for, [out, in] in `dtype` (computed in fp32)."""
+        return (self.weight_int8.float() * self.weight_scale[:, None]).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            raise RuntimeError("int8-quantized layers are for inference only (model.eval()); train the float "
+                               "model and quantize it afterwards")
+        if _int8_kernel_serves(x, self.weight_int8):
+            if torch.compiler.is_compiling():  # one opaque op in the graph, which computes the bf16 scales
+                return int8_linear(x, self.weight_int8, self.weight_scale.to(torch.bfloat16), self.bias)
+            return _int8_linear(x, self.weight_int8, self._bf16_scale(), self.bias)
+        return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
+
+    def _bf16_scale(self) -> torch.Tensor:
+        """The scales in bf16, as the kernel takes them, made once and remade when they change."""
+        stamp = (self.weight_scale._version, self.weight_scale.data_ptr())
+        if self._kernel_scale is None or self._kernel_scale[0] != stamp:
+            self._kernel_scale = (stamp, self.weight_scale.to(torch.bfloat16))
+        return self._kernel_scale[1]
+
+    def _apply(self, fn, recurse=True):
+        scale = self._buffers.pop("weight_scale")  # keep the scales fp32 whatever the model is cast to
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self._buffers["weight_scale"] = scale.to(self.weight_int8.device)
+        self._kernel_scale = None
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if prefix + "weight" in state_dict and prefix + "weight_int8" not in state_dict:
+            raise ValueError(f"{prefix}weight: the state dict holds float weights, which an int8-quantized model "
+                             f"cannot load; load them into a float model and quantize it (quantize_model)")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
+
+
+def _row_scales(weight: torch.Tensor) -> torch.Tensor:
+    """fp32 scale per output row: max |w| / 127 (1 for an all-zero row, which then stays zero)."""
+    amax = weight.detach().abs().amax(dim=1).float()
+    return torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+
+
+def _quantize_rows(weight: torch.Tensor) -> torch.Tensor:
+    """round(w / scale) per row, in [-127, 127], as int8."""
+    return torch.round(weight.detach().float() / _row_scales(weight)[:, None]).clamp_(-127, 127).to(torch.int8)
+
+
+def _int8_kernel_serves(x: torch.Tensor, weight_int8: torch.Tensor) -> bool:
+    """Whether PyTorch's int8 CPU kernel computes this product.
+
+    It has no backward, so it serves only when no gradient is wanted for `x`; it reads K in
+    blocks of 16 (other widths read past the row: wrong results or a crash); autocast
+    keeps the reference path, which it knows how to cast.
+    """
+    return (_enabled and x.device.type == weight_int8.device.type == "cpu"
+            and x.dtype in (torch.float32, torch.bfloat16) and weight_int8.shape[1] % 16 == 0
+            and not (torch.is_grad_enabled() and x.requires_grad)
+            and not torch.is_autocast_enabled("cpu"))
+
+
+def _int8_linear(x: torch.Tensor, weight_int8: torch.Tensor, scale_bf16: torch.Tensor,
+                 bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ (weight_int8 * scale).T + bias through PyTorch's int8 CPU kernel, in bf16, returned in x's dtype."""
+    out_features, in_features = weight_int8.shape
+    y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, in_features).to(torch.bfloat16).contiguous(),
+                                           weight_int8, scale_bf16).to(x.dtype)
+    if bias is not None:
+        y += bias
+    return y.view(*x.shape[:-1], out_features)
+
+
+@torch.library.custom_op("scratchgpt::int8_linear", mutates_args=())
+def int8_linear(x: torch.Tensor, weight_int8: torch.Tensor, scale_bf16: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor:
+    """`_int8_linear` as a custom operator for `torch.compile` (inductor's lowering of the int8
+    kernel fails on inputs it computed itself, such as the bf16 activations)."""
+    return _int8_linear(x, weight_int8, scale_bf16, bias)
+
+
+@int8_linear.register_fake
+def _(x: torch.Tensor, weight_int8: torch.Tensor, scale_bf16: torch.Tensor,
+      bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight_int8.shape[0])
+
+
+def quantize_model(model: nn.Module, quantization: str = "int8") -> nn.Module:
+    """Replace every linear layer of `model`, the output head included, by its int8 form, in place.
+
+    Returns `model`, in eval mode: a quantized model is for inference only. A head tied
+    to the token embedding gets its own int8 copy; the embedding lookups stay in the
+    model's float format, as do layer norms and biases. Takes seconds for GPT-2 124M.
+    """
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {quantization!r}: choose from {', '.join(QUANTIZATIONS)}")
+    linears = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    if not linears:
+        kind = "already int8-quantized" if any(isinstance(m, Int8Linear) for m in model.modules()) else "without linear layers"
+        raise ValueError(f"nothing to quantize: the model is {kind}")
+    for name, linear in linears:
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), attr, Int8Linear.from_linear(linear))
+    return model.eval()
+
+
+def quantization_of(state_dict: dict[str, torch.Tensor]) -> str | None:
+    """"int8" when a state dict (or a model's) holds int8-quantized layers, None when it is all float."""
+    return "int8" if any(key.endswith(".weight_int8") for key in state_dict) else None
+
+
+def check_quantization(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Raise a clear error when `state_dict` and `model` differ in quantization (float vs int8)."""
+    have, want = quantization_of(state_dict), quantization_of(model.state_dict())
+    if have != want:
+        raise ValueError(f"{source} holds {have or 'float'} weights but the model is {want or 'float'}: "
+                         + ("quantize the model with quantize_model(model, 'int8') before loading"
+                            if have else "load the float weights into a float model, then quantize it"))
+
+
+# ------------------------------------------------------------------------------- compiled decoding
+
+class CompiledDecoder:
+    """Decode steps, one new token per row of a KVCache, through one compiled graph.
+
+    `decoder(tokens, cache)` with tokens [B, 1] returns what `model(tokens, cache=cache,
+    logits_from=-1)` returns, the logits [B, 1, V], and appends to the cache the same way.
+    `torch.compile` fuses the layer norms, GELUs, adds and cache writes and drops the
+    Python work between the matrix products. The graph sees no Python number that
+    changes from step to step: the rows' positions are a tensor and the attended length
+    is a dynamic dimension of the attention mask, so it compiles once per model and batch
+    size (for GPT-2 124M about a minute on 2 cores), not once per step.
+
+    Prefill (several tokens per row), `set_enabled(False)` and an empty cache run the
+    model eagerly. `compiled_decoder(model)` keeps one decoder per model.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self._compiled = torch.compile(self._forward, fullgraph=True)
+
+    def _forward(self, tokens: torch.Tensor, step: "_StepCache") -> torch.Tensor:
+        return self.model(tokens, cache=step, logits_from=-1)
+
+    def __call__(self, tokens: torch.Tensor, cache) -> torch.Tensor:
+        lengths = cache.lengths
+        kv_len = max(lengths) + 1
+        if not _enabled or tokens.shape[1] != 1 or kv_len < 2:
+            return self.model(tokens, cache=cache, logits_from=-1)
+        if kv_len > cache.max_len:
+            raise ValueError(f"{max(lengths)} cached + 1 new token exceed the KV cache's {cache.max_len} positions")
+        positions = torch.tensor(lengths, device=tokens.device)[:, None]  # [B, 1]
+        # each row attends to its own positions up to the new one: [B, 1 (heads), 1 (token), kv_len]
+        mask = (torch.arange(kv_len, device=tokens.device) <= positions[:, :, None]).unsqueeze(1)
+        torch._dynamo.decorators.mark_unbacked(mask, 3)
+        logits = self._compiled(tokens, _StepCache(cache, positions, mask))
+        for row, length in enumerate(lengths):
+            cache.set_length(row, length + 1)
+        return logits
+
+
+_DECODERS: "weakref.WeakKeyDictionary[nn.Module, CompiledDecoder]" = weakref.WeakKeyDictionary()
+
+
+def compiled_decoder(model: nn.Module) -> CompiledDecoder:
+    """The CompiledDecoder of `model`, made on first use (so that it compiles once)."""
+    decoder = _DECODERS.get(model)
+    if decoder is None:
+        decoder = _DECODERS[model] = CompiledDecoder(model)
+    return decoder
+
+
+class _StepCache:
+    """A KVCache as one compiled decode step sees it.
+
+    The model's forward calls `begin`, each layer's `append` and `end` as on a KVCache;
+    here every value that changes between steps is a tensor: the positions to write
+    (the writes of KVCache's ragged path) and, through the mask's last dimension, how
+    many positions to attend to. The lengths advance outside the graph.
+    """
+
+    def __init__(self, cache, positions: torch.Tensor, mask: torch.Tensor):
+        self.batch_size = cache.batch_size
+        self.keys, self.values = cache.keys, cache.values
+        self.positions, self.mask = positions, mask
+        self.rows = torch.arange(cache.batch_size, device=positions.device)[:, None]  # [B, 1]
+        self.layers = [_StepLayer(self, i) for i in range(len(cache.keys))]
+
+    def begin(self, num_tokens: int, device: torch.device) -> torch.Tensor:
+        return self.positions
+
+    def end(self) -> None:
+        pass
+
+
+class _StepLayer:
+    def __init__(self, step: _StepCache, index: int):
+        self.step, self.index = step, index
+
+    def append(self, k: torch.Tensor, v: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+        step = self.step
+        keys, values = step.keys[self.index], step.values[self.index]
+        keys[step.rows, :, step.positions] = k.transpose(1, 2)  # row b's token goes to positions[b]
+        values[step.rows, :, step.positions] = v.transpose(1, 2)
+        kv_len = step.mask.shape[-1]
+        torch._check(2 <= kv_len)  # what __call__ ensures, told to the compiler, which sees kv_len as a symbol
+        torch._check(kv_len <= keys.shape[2])
+        return keys[:, :, :kv_len], values[:, :, :kv_len], step.mask, False

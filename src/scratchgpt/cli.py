@@ -6,16 +6,17 @@ Errors print as one line and exit with status 1; `--debug` shows the traceback.
 from __future__ import annotations
 
 import argparse
-import codecs
 import json
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
-from .checkpoint import checkpoint_task, load_model_from_checkpoint, safe_load
+from .checkpoint import checkpoint_task, load_model_from_checkpoint, safe_load, shape_for_task
 from .config import GPT2_SIZES, GPT_CONFIG_124M, gpt2_config
 from .data import BUILTIN_CORPORA, is_token_file, load_corpus, open_token_file, prepare_token_file, split_tokens
 from .devices import resolve_device, resolve_dtype
@@ -31,8 +32,13 @@ from .lora import (check_lora_hyperparameters, describe_lora, is_adapter, load_a
                    replace_linear_with_lora)
 from .kernels import QUANTIZATIONS, quantize_model
 from .model import GPTModel, count_parameters, empty_model
-from .tokenizer import ENDOFTEXT, ENDOFTEXT_ID, get_tokenizer, provision_vocab
-from .train import TrainConfig, Trainer
+from .tokenizer import ENDOFTEXT, ENDOFTEXT_ID, decode_stream, get_tokenizer, provision_vocab
+from .tasks.classify import (ClassifyTask, calc_accuracy_loader, check_labels, classification_collate_fn,
+                             classify_probabilities, load_classification_data, read_texts, replace_head,
+                             set_trainable_layers)
+from .tasks.instruct import PROMPT_STYLES, InstructTask, responses_path, stream_response, write_responses
+from .tasks.records import ON_LONG
+from .train import TrainConfig, Trainer, TrainResult
 
 
 # --------------------------------------------------------------------------- model sources
@@ -83,8 +89,20 @@ def _load_float_model(args: argparse.Namespace) -> tuple[GPTModel, object]:
         torch.manual_seed(0)
         model, tokenizer = GPTModel(gpt2_config(args.preset)).to(device).eval(), get_tokenizer()
     if args.lora:  # on the fp32 weights, which its base's hash was made from
+        shape_for_task(model, _task_of(args.lora))  # a classifier adapter's head replaces the base's
         load_adapter(args.lora, model)
     return model.to(resolve_dtype(args.dtype)), tokenizer
+
+
+def _task_of(path: str | None) -> dict:
+    """The `task` entry of a checkpoint or adapter file ({} for none, or a PEFT adapter folder)."""
+    return checkpoint_task(path) if path and Path(path).is_file() else {}
+
+
+def model_task(args: argparse.Namespace) -> dict:
+    """What the model the arguments name was fine-tuned for: its LoRA adapter's task, else its
+    checkpoint's ({} for a language model)."""
+    return _task_of(args.lora) or _task_of(args.checkpoint)
 
 
 # --------------------------------------------------------------------------- generate
@@ -94,7 +112,8 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
                        description="Continue a prompt, printing tokens as they are produced.")
     p.add_argument("prompt", nargs="?", help="the prompt (read from stdin when omitted)")
     add_model_source_args(p)
-    p.add_argument("--max-new-tokens", type=int, default=50, help="tokens to add (default 50)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="tokens to add (default 50; for an instruction-tuned model: until end-of-text)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); higher = more random")
     p.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely tokens")
     p.add_argument("--top-p", type=float, default=None, help="sample from the smallest set of mass p")
@@ -102,27 +121,140 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eos", action="store_true", help="stop at <|endoftext|>")
     p.add_argument("--context-size", type=int, default=None,
                    help="tokens of context the model sees (default: its context length)")
+    p.add_argument("--prompt-style", choices=[*PROMPT_STYLES, "none"], default=None,
+                   help="wrap the prompt as an instruction in this template and print only the response, "
+                        "up to end-of-text (default: the style an instruction-tuned checkpoint stores; "
+                        "none: continue the text as it is)")
+    p.add_argument("--input", default=None, help="the instruction's input (with a prompt style)")
     p.set_defaults(func=cmd_generate)
+
+
+def prompt_style_for(args: argparse.Namespace) -> str | None:
+    """The prompt style to wrap what a person types in: --prompt-style, else the one an
+    instruction-tuned checkpoint or adapter stores; None for plain continuation. A classifier
+    is refused."""
+    task = model_task(args)
+    if task.get("kind") == "classify":
+        raise ValueError(f"{args.lora or args.checkpoint} is a classifier (labels: "
+                         f"{', '.join(map(str, task['labels']))}); use `scratchgpt classify`")
+    style = args.prompt_style or task.get("prompt_style")
+    return None if style == "none" else style
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if not prompt:
         raise ValueError("empty prompt: give one as an argument or on stdin")
+    style = prompt_style_for(args)
+    if style is None and args.input is not None:
+        raise ValueError("--input is the input of an instruction: it needs a prompt style (--prompt-style)")
     model, tokenizer = load_model_from_args(args)
-    device = model.tok_emb.weight.device
-    idx = torch.tensor([tokenizer.encode(prompt, allowed_special="all")], device=device)
-    context_size = args.context_size or model.cfg.context_length
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     out = sys.stdout
-    out.write(prompt)
+    if style is not None:  # an instruction: its response only, up to end-of-text
+        entry = {"instruction": prompt, "input": args.input or ""}
+        pieces = stream_response(model, tokenizer, entry, style, args.max_new_tokens, **sampling)
+    else:
+        device = model.tok_emb.weight.device
+        idx = torch.tensor([tokenizer.encode(prompt, allowed_special="all")], device=device)
+        context_size = args.context_size or model.cfg.context_length
+        out.write(prompt)
+        tokens = generate_stream(model, idx, args.max_new_tokens or 50, context_size,
+                                 eos_id=ENDOFTEXT_ID if args.eos else None, **sampling)
+        pieces = decode_stream((int(token[0, 0]) for token in tokens), tokenizer)
     out.flush()
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a token may end mid-character
-    for token in generate_stream(model, idx, args.max_new_tokens, context_size,
-                                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                 eos_id=ENDOFTEXT_ID if args.eos else None, seed=args.seed):
-        out.write(decoder.decode(tokenizer.decode_single_token_bytes(int(token[0, 0]))))
+    for piece in pieces:
+        out.write(piece)
         out.flush()
-    out.write(decoder.decode(b"", final=True) + "\n")
+    out.write("\n")
+
+
+# --------------------------------------------------------------------------- chat, classify
+
+def add_chat_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("chat", help="talk to an instruction-tuned model in the terminal",
+                       description="An interactive console: each line you type is wrapped in the model's prompt "
+                                   "style (the one `train --task instruct` stored in its checkpoint, or "
+                                   "--prompt-style) and answered, streaming, until end-of-text. Each message is "
+                                   "answered on its own (the prompt styles are single-turn). Ctrl-D or /quit ends.")
+    add_model_source_args(p)
+    p.add_argument("--prompt-style", choices=list(PROMPT_STYLES), default=None,
+                   help="the template (default: the checkpoint's; needed for a model not tuned here)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="most tokens per answer (default: until end-of-text or the context is full)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); higher = more random")
+    p.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="sample from the smallest set of mass p")
+    p.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
+    p.set_defaults(func=cmd_chat)
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    style = prompt_style_for(args)
+    if style is None:
+        raise ValueError("this model stores no prompt style (it was not tuned with --task instruct); "
+                         "pass --prompt-style to chat with it anyway")
+    model, tokenizer = load_model_from_args(args)
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    print(f"prompt style {style}; each message is answered on its own; Ctrl-D or /quit to leave", file=sys.stderr)
+    while True:
+        try:
+            message = input("> ")
+        except EOFError:
+            break
+        if message.strip() in ("/quit", "/exit"):
+            break
+        if not message.strip():
+            continue
+        for piece in stream_response(model, tokenizer, {"instruction": message}, style, args.max_new_tokens,
+                                     **sampling):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+
+
+def add_classify_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("classify", help="label texts with a classifier made by `train --task classify`",
+                       description="Print the most likely label of each text and its probability (tab-separated; "
+                                   "with several texts, the start of the text too). Texts come as arguments, "
+                                   "from --file, or one per line on stdin.")
+    p.add_argument("texts", nargs="*", help="the texts to classify")
+    add_model_source_args(p)  # --checkpoint runs/x/best.pt (or model.pth), or a base with --lora adapter.pt
+    p.add_argument("--file", help="texts from a file: one per line, or a column of a CSV, TSV or JSON (lines) file")
+    p.add_argument("--text-column", default="text", help="the column of --file holding the text (default text)")
+    p.add_argument("--label-column", default=None,
+                   help="the column of --file holding the true labels: also print the accuracy")
+    p.add_argument("--batch-size", type=int, default=16, help="texts per forward pass (default 16)")
+    p.set_defaults(func=cmd_classify)
+
+
+def cmd_classify(args: argparse.Namespace) -> None:
+    task = model_task(args)
+    if task.get("kind") != "classify":
+        raise ValueError(f"{args.lora or args.checkpoint or 'this model'} is not a classifier: make one with "
+                         f"`scratchgpt train --task classify`")
+    labels, truth = task["labels"], None
+    if args.label_column and (args.texts or not args.file):
+        raise ValueError("--label-column reads the true labels from --file, without texts as arguments")
+    if args.label_column:
+        records = load_classification_data(args.file, args.text_column, args.label_column)
+        check_labels(records, labels)
+        texts, truth = [r["text"] for r in records.items], [r["label"] for r in records.items]
+    elif args.file:
+        texts = [*args.texts, *read_texts(args.file, args.text_column)]
+    else:
+        texts = args.texts or [line for line in sys.stdin.read().splitlines() if line.strip()]
+    if not texts:
+        raise ValueError("no text to classify: give texts as arguments, --file, or lines on stdin")
+    model, tokenizer = load_model_from_args(args)
+    probabilities = classify_probabilities(texts, model, tokenizer, batch_size=args.batch_size)
+    predicted = [labels[i] for i in probabilities.argmax(dim=-1).tolist()]
+    for text, label, row in zip(texts, predicted, probabilities):
+        preview = f"\t{' '.join(text.split())[:60]}" if len(texts) > 1 else ""
+        print(f"{label}\t{float(row.max()):.4f}{preview}")
+    if truth is not None:
+        right = sum(p == t for p, t in zip(predicted, truth))
+        print(f"accuracy {right / len(truth):.2%} ({right} of {len(truth)})")
 
 
 # --------------------------------------------------------------------------- vocab
@@ -222,6 +354,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--seed", type=int, default=123, help="seeds the weights, the data order and dropout")
     run.add_argument("--deterministic", action="store_true", help="bitwise reproducible (slower on GPU)")
     run.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default)")
+    add_task_args(p)
     p.set_defaults(func=cmd_train)
 
 
@@ -314,8 +447,58 @@ def _add_lora(model: GPTModel, args: argparse.Namespace, keep_training: list[str
                              dropout=args.lora_dropout or 0.0, modules_to_save=keep_training)
 
 
+def _train_config(args: argparse.Namespace, init_source: str | None) -> TrainConfig:
+    return TrainConfig(
+        out_dir=args.out_dir, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        context_length=args.context_length, max_steps=args.max_steps, max_minutes=args.max_minutes,
+        lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup=args.warmup, weight_decay=args.weight_decay,
+        grad_clip=args.grad_clip, dtype=args.dtype, compile=args.compile, eval_every=args.eval_every,
+        eval_iters=args.eval_iters, sample_prompt=args.sample_prompt, sample_tokens=args.sample_tokens,
+        seed=args.seed, deterministic=args.deterministic, device=args.device, resume=args.resume, init=init_source)
+
+
+def _prepare_model(model: GPTModel, args: argparse.Namespace, task: object | None = None) -> None:
+    """A task's changes to the model (a classifier's new head and what trains), then LoRA over
+    them: what the task added keeps training in full."""
+    loaded = {id(p) for p in model.parameters()}
+    if isinstance(task, ClassifyTask):
+        torch.manual_seed(args.seed)  # the new head's initial weights
+        replace_head(model, len(task.meta["labels"]))
+        set_trainable_layers(model, args.train_layers)
+    if args.lora_rank is not None:
+        _add_lora(model, args, [name for name, p in model.named_parameters() if id(p) not in loaded])
+
+
+def _print_lora(trainer: Trainer, args: argparse.Namespace) -> None:
+    if args.lora_rank is not None:
+        total = count_parameters(trainer.raw_model)["untied"]
+        trainable = sum(p.numel() for p in trainer.raw_model.parameters() if p.requires_grad)
+        print(f"LoRA: {describe_lora(lora_settings(trainer.raw_model))} | {trainable:,} trainable parameters "
+              f"({trainable / total:.2%}); the base is frozen")
+
+
+def _run(trainer: Trainer, args: argparse.Namespace) -> TrainResult:
+    """Train, always leaving the process group; an interrupted run (saved) exits as interrupted;
+    the main process says what the run wrote."""
+    try:
+        result = trainer.train()
+    finally:
+        shutdown_distributed()
+    if result.interrupted:
+        raise KeyboardInterrupt
+    if trainer.dist.is_main:
+        best = "n/a" if result.best_val_loss is None else f"{result.best_val_loss:.3f}"
+        final = "adapter.pt" if args.lora_rank is not None else "model.pth + model.json"
+        print(f"done: step {result.step}, {result.tokens_seen:,} tokens; best val loss "
+              f"{best}; wrote {args.out_dir}/ (last.pt, best.pt, {final}, loss.png)")
+    return result
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     _check_lora_flags(args)
+    if args.task != "lm":
+        cmd_train_task(args)
+        return
     tokenizer = get_tokenizer()
     token_files = [path for path in args.data or () if is_token_file(path)]
     if token_files and len(args.data) > 1:
@@ -330,37 +513,91 @@ def cmd_train(args: argparse.Namespace) -> None:
     if model.cfg.vocab_size < tokenizer.n_vocab:
         raise ValueError(f"the model's vocab_size {model.cfg.vocab_size} is smaller than the GPT-2 tokenizer's "
                          f"{tokenizer.n_vocab}: its token ids would not fit")
-    loaded = {id(p) for p in model.parameters()}
-    # A task's changes to the model (a new head, freezing) go here, before LoRA: what they add keeps training.
-    if args.lora_rank is not None:
-        _add_lora(model, args, [name for name, p in model.named_parameters() if id(p) not in loaded])
-    config = TrainConfig(
-        out_dir=args.out_dir, batch_size=args.batch_size, grad_accum=args.grad_accum,
-        context_length=args.context_length, max_steps=args.max_steps, max_minutes=args.max_minutes,
-        lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup=args.warmup, weight_decay=args.weight_decay,
-        grad_clip=args.grad_clip, dtype=args.dtype, compile=args.compile, eval_every=args.eval_every,
-        eval_iters=args.eval_iters, sample_prompt=args.sample_prompt, sample_tokens=args.sample_tokens,
-        seed=args.seed, deterministic=args.deterministic, device=args.device, resume=args.resume, init=init_source)
-    trainer = Trainer(model, (train_tokens, val_tokens), config, tokenizer=gpt2_tokenizer or tokenizer)
+    _prepare_model(model, args)
+    trainer = Trainer(model, (train_tokens, val_tokens), _train_config(args, init_source),
+                      tokenizer=gpt2_tokenizer or tokenizer)
     if trainer.dist.is_main:
         counts = count_parameters(trainer.raw_model)
         print(f"{counts['untied']:,} parameters | {len(train_tokens):,} train and {len(val_tokens):,} val tokens"
               f" | {trainer.global_batch} x {trainer.task.window} tokens per step | device {trainer.device}")
-        if args.lora_rank is not None:
-            trainable = sum(p.numel() for p in trainer.raw_model.parameters() if p.requires_grad)
-            print(f"LoRA: {describe_lora(lora_settings(trainer.raw_model))} | {trainable:,} trainable parameters "
-                  f"({trainable / counts['untied']:.2%}); the base is frozen")
-    try:
-        result = trainer.train()
-    finally:
-        shutdown_distributed()
-    if result.interrupted:
-        raise KeyboardInterrupt
+        _print_lora(trainer, args)
+    _run(trainer, args)
+
+
+# --------------------------------------------------------------------------- train --task instruct|classify
+
+def add_task_args(parser: argparse.ArgumentParser) -> None:
+    """Options of the fine-tuning tasks (`--task instruct|classify --data FILE`)."""
+    task = parser.add_argument_group(
+        "fine-tuning tasks (--task instruct|classify --data FILE: a JSON list, JSON lines, CSV or TSV)")
+    task.add_argument("--task", choices=["lm", "instruct", "classify"], default="lm",
+                      help="lm: next-token prediction on text (default); instruct: follow instructions "
+                           "(records with instruction, optional input, output); classify: label texts")
+    task.add_argument("--val-data", metavar="FILE",
+                      help="validation records (default: a seeded --val-fraction of --data)")
+    task.add_argument("--on-long", choices=list(ON_LONG), default="truncate",
+                      help="records longer than the context: truncate them (default; reported) or refuse to start")
+    task.add_argument("--prompt-style", choices=list(PROMPT_STYLES), default="alpaca",
+                      help="instruct: the prompt template (default alpaca, the walkthrough's); a record's own "
+                           "prompt_style field wins")
+    task.add_argument("--mask-prompt", action="store_true",
+                      help="instruct: learn only the responses (the prompt tokens are not scored)")
+    task.add_argument("--responses", metavar="FILE|none",
+                      help="instruct: where to write the model's responses to the validation records after "
+                           "training (default: beside --data, NAME-with-response.json; none: skip)")
+    task.add_argument("--text-column", default="text", help="classify: the column holding the text (default text;"
+                      " a number for a file without a header row)")
+    task.add_argument("--label-column", default="label", help="classify: the column holding the label (default label)")
+    task.add_argument("--train-layers", default="last-1", metavar="all|last-N",
+                      help="classify: what trains besides the new head: the last N blocks and the final norm "
+                           "(default last-1, the walkthrough's), or all")
+    task.add_argument("--balance", action="store_true",
+                      help="classify: undersample every class to the size of the smallest, as the walkthrough does")
+
+
+def _build_task(args: argparse.Namespace, tokenizer, max_length: int) -> InstructTask | ClassifyTask:
+    if args.corpus or len(args.data) != 1:
+        raise ValueError(f"--task {args.task} reads its records from one file: --data FILE")
+    common = dict(val_fraction=args.val_fraction, seed=args.seed, on_long=args.on_long)
+    if args.task == "instruct":
+        return InstructTask.from_files(args.data[0], args.val_data, tokenizer, max_length, **common,
+                                       prompt_style=args.prompt_style, mask_prompt=args.mask_prompt)
+    return ClassifyTask.from_files(args.data[0], args.val_data, tokenizer, max_length, **common,
+                                   text_column=args.text_column, label_column=args.label_column,
+                                   balance_classes=args.balance)
+
+
+def cmd_train_task(args: argparse.Namespace) -> None:
+    """Fine-tune for instructions or classification: the same Trainer, with the task's data and loss."""
+    tokenizer = get_tokenizer()
+    model, gpt2_tokenizer, init_source = _train_model(args, tokenizer.n_vocab)
+    tokenizer = gpt2_tokenizer or tokenizer
+    max_length = min(args.context_length or model.cfg.context_length, model.cfg.context_length)
+    task = _build_task(args, tokenizer, max_length)
+    _prepare_model(model, args, task)
+    trainer = Trainer(model, task, _train_config(args, init_source), tokenizer=tokenizer)
     if trainer.dist.is_main:
-        best = "n/a" if result.best_val_loss is None else f"{result.best_val_loss:.3f}"
-        final = "adapter.pt" if args.lora_rank is not None else "model.pth + model.json"
-        print(f"done: step {result.step}, {result.tokens_seen:,} tokens; best val loss "
-              f"{best}; wrote {args.out_dir}/ (last.pt, best.pt, {final}, loss.png)")
+        for note in task.notes:
+            print(note)
+        trained = sum(p.numel() for p in trainer.raw_model.parameters() if p.requires_grad)
+        labels = f" | labels {', '.join(map(str, task.meta['labels']))}" if isinstance(task, ClassifyTask) else ""
+        print(f"{count_parameters(trainer.raw_model)['untied']:,} parameters ({trained:,} trained) | "
+              f"{task.eval_size('train'):,} train and {task.eval_size('val'):,} val records{labels} | "
+              f"{trainer.global_batch} records per step | device {trainer.device}")
+        _print_lora(trainer, args)
+    _run(trainer, args)
+    if not trainer.dist.is_main:
+        return
+    if isinstance(task, ClassifyTask):  # the walkthrough's closing numbers, over every record
+        for split in ("train", "val"):
+            loader = DataLoader(task.datasets[split], batch_size=args.batch_size,
+                                collate_fn=partial(classification_collate_fn, allowed_max_length=max_length))
+            print(f"{split} accuracy {calc_accuracy_loader(loader, trainer.raw_model, trainer.device):.2%} "
+                  f"({task.eval_size(split):,} records)")
+    elif args.responses != "none":
+        path = args.responses or responses_path(args.data[0])
+        write_responses(path, trainer.raw_model, tokenizer, task.records["val"], args.prompt_style)
+        print(f"wrote the responses to the {task.eval_size('val'):,} validation records to {path}")
 
 
 def add_prepare_parser(sub: argparse._SubParsersAction) -> None:
@@ -500,7 +737,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         from .serve.api import ServeState, run_server
     except ImportError as exc:
         raise RuntimeError(f"serve needs FastAPI and uvicorn ({exc}): pip install 'scratchgpt[serve]'") from None
-    from .serve.chat import TRANSCRIPT, template_for_task
+    from .serve.chat import template_for_task
     from .serve.engine import Engine
 
     if args.max_batch < 1 or args.max_queue < 0:
@@ -508,7 +745,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     def load():
         model, tokenizer = load_model_from_args(args)
-        template = template_for_task(checkpoint_task(args.checkpoint)) if args.checkpoint else TRANSCRIPT
+        template = template_for_task(model_task(args))
         return Engine(model, tokenizer, args.max_batch, args.max_queue), template
 
     run_server(ServeState(served_model_name(args), api_key=args.api_key), args.host, args.port, load,
@@ -524,6 +761,8 @@ PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_convert_parser,
     add_eval_parser,
     add_serve_parser,
+    add_chat_parser,
+    add_classify_parser,
 ]
 
 

@@ -16,6 +16,7 @@ Nothing touches the network at import time.
 from __future__ import annotations
 
 import base64
+import codecs
 import hashlib
 import json
 import os
@@ -25,6 +26,7 @@ import tarfile
 import tempfile
 from functools import lru_cache
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import tiktoken
 import torch
@@ -160,6 +162,19 @@ def token_ids_to_text(token_ids: torch.Tensor, tokenizer: tiktoken.Encoding) -> 
     """Decode a [1, T] or [T] tensor (or a list) of ids back to text."""
     ids = token_ids.squeeze(0).tolist() if isinstance(token_ids, torch.Tensor) else list(token_ids)
     return tokenizer.decode(ids)
+
+
+def decode_stream(token_ids: Iterable[int], tokenizer: tiktoken.Encoding) -> Iterator[str]:
+    """Text pieces as the tokens of `token_ids` arrive, for printing while generating: a token
+    may end in the middle of a UTF-8 character, whose bytes wait for the next one."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for token in token_ids:
+        piece = decoder.decode(tokenizer.decode_single_token_bytes(int(token)))
+        if piece:
+            yield piece
+    tail = decoder.decode(b"", final=True)
+    if tail:
+        yield tail
 
 
 def provision_vocab(dest_dir: str | os.PathLike | None = None) -> Path:

@@ -38,7 +38,7 @@ from .fileio import atomic_write
 from .distributed import all_reduce_sum, any_process, gather_objects, init_distributed
 from .generate import generate
 from .lora import adapter_checkpoint, base_identity, load_adapter, lora_layers, trained_in_full
-from .plot import plot_losses
+from .plot import plot_history
 from .tasks.base import Task
 from .tokenizer import text_to_token_ids, token_ids_to_text
 
@@ -494,8 +494,7 @@ class Trainer:
         if save:
             self._save_last_and_best(metrics["val_loss"])
         if self.dist.is_main:
-            plot_losses(self.history["tokens"], self.history["train"], self.history["val"],
-                        self.out_dir / "loss.png")
+            plot_history(self.history, self.out_dir / "loss.png")
             others = "".join(f" | {name.replace('_', ' ')} {value:.3f}" for name, value in metrics.items()
                              if not name.endswith("_loss"))
             bar.write(f"step {self.step:>6}/{self.config.max_steps} | train loss {metrics['train_loss']:.3f}"
@@ -553,7 +552,7 @@ class Trainer:
                   f"continue with the same command and --resume")
         if not interrupted and self.dist.is_main:
             if self.lora_base is None:
-                save_model(self.out_dir / "model.pth", self.raw_model)
+                save_model(self.out_dir / "model.pth", self.raw_model, task=self.task.meta)
             else:
                 self._write(self.out_dir / "adapter.pt", task=self.task.meta)
         return TrainResult(self.step, self.tokens_seen, last_eval.get("train_loss"), last_eval.get("val_loss"),

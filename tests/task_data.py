@@ -2,7 +2,7 @@
 
 - classification: is a paragraph from the Python reference (`pydoc_data.topics`) or from a
   software license (the license files installed with torch, numpy, ... and Python's own)?
-- instructions: uppercase three words, or reverse their order, for word triples the model has
+- instructions: capitalize three words, or reverse their order, for word triples the model has
   not seen in training.
 
 `python tests/task_data.py DIR` writes both as the README's runs use them:
@@ -59,11 +59,12 @@ def classification_records() -> list[dict[str, str]]:
             + [{"text": p, "label": "license"} for p in licenses])
 
 
-# one GPT-2 token each, with and without a leading space (their uppercase forms are 1 to 3 tokens)
-WORDS = ("apple river stone cloud green horse paper light north house water dream music table bread glass "
-         "night plant metal chair field grass brush storm wagon").split()
+# one GPT-2 token each, with and without a leading space and capitalized or not: the answer's
+# tokens line up with the input's, a task a small model learns in a minute
+WORDS = ("apple river stone cloud green paper light north house water dream music table glass night "
+         "metal chair field storm money world power space sound heart").split()
 TASKS = {
-    "Uppercase these words.": lambda words: " ".join(w.upper() for w in words),
+    "Capitalize these words.": lambda words: " ".join(w.capitalize() for w in words),
     "Reverse the order of these words.": lambda words: " ".join(reversed(words)),
 }
 

@@ -126,7 +126,7 @@ def custom_collate_fn(batch: Sequence[Sequence[int]], pad_token_id: int = ENDOFT
     (mask-prompt), the targets inside each prompt are ignored too: only the response is
     learned. `allowed_max_length` truncates (an example cut there has no end-of-text left).
     """
-    length = max(len(item) + 1 for item in batch) - 1  # every example plus its end-of-text, shifted
+    length = max(len(item) for item in batch)  # each example + its end-of-text, less the shift by one
     inputs = torch.full((len(batch), length), pad_token_id, dtype=torch.long)
     targets = torch.full((len(batch), length), ignore_index, dtype=torch.long)
     for row, item in enumerate(batch):

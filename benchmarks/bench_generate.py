@@ -1,13 +1,16 @@
 """Batch-1 generation and the no-grad forward pass: scratchgpt against Hugging Face
-GPT2LMHeadModel and the seed-style code, all holding the same random weights.
+GPT2LMHeadModel and the seed-style code, all holding the same random weights; then
+scratchgpt's number formats (fp32, bf16, int8 weights) against their bandwidth caps,
+a decode step of 8 ragged sequences against a step of one, and where a step's time goes.
 
 Default shape: GPT-2 124M (context 1024, qkv biases, untied head), a 16-token
 prompt, 256 new tokens, greedy, fp32, 2 threads. Prints tokens/s, ratios against
-the baselines measured in the same run, and the memory-bandwidth limit:
+the baselines measured in the same run, and the memory-bandwidth limit (the cap):
 weight bytes read per token / copy bandwidth measured in the same run.
 
-    .venv/bin/python benchmarks/bench_generate.py            # full run, ~4 minutes
+    .venv/bin/python benchmarks/bench_generate.py            # full run, ~6 minutes
     .venv/bin/python benchmarks/bench_generate.py --quick    # fewer tokens and repeats
+    .venv/bin/python benchmarks/bench_generate.py --no-seed --compile --profile   # + compiled steps, profile
 """
 
 from __future__ import annotations
@@ -15,22 +18,33 @@ from __future__ import annotations
 import argparse
 import copy
 import time
+from typing import Callable
 
 import torch
+from torch import nn
 
 from common import (copy_probe, hf_model_from_gpt, interleaved, machine_line, median,
                     seed_model_from_gpt, setup_threads)
 import seed_reference
-from scratchgpt import GPTModel, generate, gpt2_config
+from scratchgpt import GPTModel, KVCache, generate, gpt2_config, quantize_model
 
 
 def weight_bytes_per_token(model: GPTModel) -> int:
-    """Bytes of weights one decoding step reads: every parameter except the two embedding
-    tables, of which it reads one row each (the KV cache reads are not counted)."""
-    skip = {id(model.tok_emb.weight), id(model.pos_emb.weight)}
-    total = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in skip)
-    if model.out_head.weight is model.tok_emb.weight:  # tied: the head still reads the whole table
-        total += model.out_head.weight.numel() * model.out_head.weight.element_size()
+    """Bytes of weights one decoding step reads: every parameter and buffer outside the two
+    embedding tables (int8 weights, their scales, biases, norms; a head tied to the token table
+    reads it whole), and one row of each table. The KV cache reads are not counted, nor the
+    attention modules' unused causal-mask buffers."""
+    seen: set[int] = set()
+    total = 0
+    for module in model.modules():
+        if isinstance(module, nn.Embedding):
+            continue
+        tensors = list(module.parameters(recurse=False))
+        tensors += [b for name, b in module.named_buffers(recurse=False) if name != "mask"]
+        for t in tensors:
+            if id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
     return total + 2 * model.cfg.emb_dim * model.tok_emb.weight.element_size()
 
 
@@ -44,7 +58,11 @@ def main() -> None:
     ap.add_argument("--seed-repeats", type=int, default=1, help="timed runs of the uncached seed loop")
     ap.add_argument("--forward-repeats", type=int, default=5)
     ap.add_argument("--no-seed", action="store_true", help="skip the (slow) uncached seed loop")
-    ap.add_argument("--no-bf16", action="store_true", help="skip the bf16 inference mode")
+    ap.add_argument("--no-formats", action="store_true", help="skip the fp32 / bf16 / int8 comparison")
+    ap.add_argument("--no-batch", action="store_true", help="skip the batch-8 ragged decode step")
+    ap.add_argument("--compile", action="store_true",
+                    help="add compiled decode steps to the format comparison (minutes of compilation)")
+    ap.add_argument("--profile", action="store_true", help="print where a decode step's time goes")
     ap.add_argument("--quick", action="store_true", help="64 new tokens, 2 repeats, seed loop once")
     args = ap.parse_args()
     if args.quick:
@@ -136,31 +154,138 @@ def main() -> None:
         t = median(ft[key])
         print(f"{key:<34}{tokens / t:>10.0f}{t * 1e3:>9.0f}{median(ft['hf']) / t:>7.2f}x")
 
-    # ---------------------------------------------------------------- bf16 weights
-    if not args.no_bf16:
-        model_bf16 = copy.deepcopy(model).to(torch.bfloat16)
-
-        def ours_bf16():
-            outputs["bf16"] = generate(model_bf16, prompt, n, context_size=ctx)
-
-        bt = interleaved({"fp32": ours, "bf16": ours_bf16}, repeats=args.repeats)
+    # ---------------------------------------------------------------- number formats
+    if not args.no_formats:
+        formats = number_formats(model, args.compile)
+        runs: dict[str, Callable[[], object]] = {}
+        for name, (fmt_model, compiled) in formats.items():
+            def run(fmt_model=fmt_model, compiled=compiled, name=name):
+                outputs[name] = generate(fmt_model, prompt, n, context_size=ctx, compile=compiled)
+            runs[name] = run
+        runs["copy"] = copy_run
+        if args.compile:
+            print("\n(compiling the decode steps...)", flush=True)
+        ft = interleaved(runs, repeats=args.repeats)
+        samples = sorted(copy_bytes / t / 1e9 for t in ft.pop("copy"))
+        bandwidth = median(samples)
         probe = batch[:1]
         with torch.no_grad():
             ref = model(probe)
-            low = model_bf16(probe).float()
-        drift = (low - ref).abs().max().item()
-        agree = (outputs["bf16"] == outputs["scratchgpt"]).all(dim=0)[args.prompt_tokens:]
-        first_diff = int((~agree).nonzero()[0]) if not bool(agree.all()) else n
-        bf_limit = bandwidth * 1e9 / weight_bytes_per_token(model_bf16)
-        print("\n## bf16 inference mode (weights in bf16, model.to(torch.bfloat16))")
-        print(f"{'mode':<34}{'tokens/s':>10}{'vs fp32':>9}{'of limit':>10}")
-        for key in ("fp32", "bf16"):
-            lim = limit if key == "fp32" else bf_limit
-            print(f"{key:<34}{n / median(bt[key]):>10.2f}{median(bt['fp32']) / median(bt[key]):>8.2f}x"
-                  f"{n / median(bt[key]) / lim:>9.0%}")
-        print(f"bf16 limit {bf_limit:.1f} tokens/s; max |logit change| vs fp32 over 256 positions: "
-              f"{drift:.3f} (logits span {ref.min().item():.1f}..{ref.max().item():.1f}); "
-              f"greedy tokens equal to fp32 for the first {first_diff} of {n}")
+        print(f"\n## number formats, batch 1, {n} new tokens (tokens/s, median of {args.repeats}; "
+              f"cap = weight bytes per token / {bandwidth:.1f} GB/s copy bandwidth measured between the runs)")
+        print(f"{'format':<34}{'tokens/s':>10}{'vs fp32':>9}{'MB/token':>10}{'cap':>8}{'of cap':>8}"
+              f"{'max |dlogit|':>14}{'same tokens':>13}")
+        base_tps = n / median(ft["fp32"])
+        for name, (fmt_model, _) in formats.items():
+            tps = n / median(ft[name])
+            wbytes = weight_bytes_per_token(fmt_model)
+            cap = bandwidth * 1e9 / wbytes
+            with torch.no_grad():
+                drift = (fmt_model(probe).float() - ref).abs().max().item()
+            agree = (outputs[name] == outputs["fp32"]).all(dim=0)[args.prompt_tokens:]
+            same = n if bool(agree.all()) else int((~agree).nonzero()[0])
+            print(f"{name:<34}{tps:>10.2f}{tps / base_tps:>8.2f}x{wbytes / 1e6:>10.0f}{cap:>8.1f}{tps / cap:>7.0%}"
+                  f"{drift:>14.3f}{same:>9}/{n}")
+        print(f"logits over 256 positions span {ref.min().item():.1f}..{ref.max().item():.1f}; random weights "
+              "give near-ties, so lossy formats part from fp32's greedy tokens early ('same tokens': how many "
+              "agree before the first difference)")
+
+    # ---------------------------------------------------------------- batched ragged decode
+    if not args.no_batch:
+        batch_step_rows(model, args.repeats)
+
+    # ---------------------------------------------------------------- profile
+    if args.profile:
+        profile_step(model, "fp32")
+        profile_step(copy.deepcopy(model).to(torch.bfloat16), "bf16")
+        profile_step(quantize_model(copy.deepcopy(model).to(torch.bfloat16)), "int8 weights, bf16 activations")
+
+
+def number_formats(model: GPTModel, compiled: bool) -> dict[str, tuple[GPTModel, bool]]:
+    """The formats to compare, each a (model, compiled) pair holding `model`'s weights."""
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    formats = {
+        "fp32": (model, False),
+        "bf16": (bf16, False),
+        "int8 weights, fp32 activations": (quantize_model(copy.deepcopy(model)), False),
+        "int8 weights, bf16 activations": (quantize_model(copy.deepcopy(bf16)), False),
+    }
+    if compiled:
+        for name in list(formats):
+            formats[name + ", compiled"] = (formats[name][0], True)
+    return formats
+
+
+def ragged_cache(model: GPTModel, lengths: list[int], extra: int) -> KVCache:
+    """A KVCache whose rows hold random prompts of the given lengths, each prefilled on its own."""
+    cache = KVCache(model, len(lengths), max(lengths) + extra)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for row, length in enumerate(lengths):
+            ids = torch.randint(0, model.cfg.vocab_size, (1, length), generator=generator)
+            model(ids, cache=cache.rows(row, row + 1), logits_from=-1)
+    return cache
+
+
+def batch_step_rows(model: GPTModel, repeats: int, steps: int = 32) -> None:
+    """Decode steps of 8 sequences of ragged lengths (64..190 cached positions) against steps of one
+    sequence of the median length, interleaved; fp32 eager."""
+    lengths = [64 + 18 * i for i in range(8)]
+    single = [lengths[len(lengths) // 2]]
+
+    def stepper(rows: list[int]) -> Callable[[], None]:
+        def run() -> None:
+            cache = ragged_cache(model, rows, steps)
+            token = torch.zeros(len(rows), 1, dtype=torch.long)
+            with torch.no_grad():
+                start = time.perf_counter()
+                for _ in range(steps):
+                    model(token, cache=cache, logits_from=-1)
+                step_times[len(rows)].append((time.perf_counter() - start) / steps)
+        return run
+
+    step_times: dict[int, list[float]] = {1: [], 8: []}
+    interleaved({"1": stepper(single), "8": stepper(lengths)}, repeats=repeats)
+    one, eight = median(step_times[1]), median(step_times[8])
+    print(f"\n## decode step, 8 sequences of ragged lengths ({lengths[0]}..{lengths[-1]} cached) vs 1 "
+          f"({single[0]} cached), fp32, median of {repeats} x {steps} steps")
+    print(f"{'batch':<10}{'ms/step':>10}{'tokens/s':>10}{'vs batch 1':>12}")
+    for rows, t in ((1, one), (8, eight)):
+        print(f"{rows:<10}{t * 1e3:>10.2f}{rows / t:>10.1f}{t / one:>11.2f}x")
+
+
+def profile_step(model: GPTModel, label: str, steps: int = 32) -> None:
+    """Where a batch-1 decode step's time goes: operator self times grouped by kind, and the rest of
+    the wall time (Python, module calls, dispatch) as what no operator accounts for."""
+    cache = ragged_cache(model, [128], steps + 8)
+    token = torch.zeros(1, 1, dtype=torch.long)
+    with torch.no_grad():
+        for _ in range(4):
+            model(token, cache=cache, logits_from=-1)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            for _ in range(steps):
+                model(token, cache=cache, logits_from=-1)
+            wall = (time.perf_counter() - start) / steps
+    kinds = {"matrix products": ("mkldnn::_linear_pointwise", "aten::_weight_int8pack_mm", "aten::addmm",
+                                 "aten::mm", "aten::linear"),
+             "attention": ("aten::scaled_dot_product_attention", "aten::_scaled_dot_product_flash_attention_for_cpu",
+                           "aten::_scaled_dot_product_attention_math"),
+             "layer norms": ("aten::layer_norm", "aten::native_layer_norm"), "GELU": ("aten::gelu",),
+             "copies (KV cache writes, casts)": ("aten::copy_", "aten::_to_copy", "aten::to", "aten::index_put_",
+                                                 "aten::_index_put_impl_"),
+             "adds": ("aten::add", "aten::add_")}
+    spent: dict[str, float] = {k: 0.0 for k in kinds}
+    spent["other operators"] = 0.0
+    for event in prof.key_averages():
+        kind = next((k for k, names in kinds.items() if event.key in names), "other operators")
+        spent[kind] += event.self_cpu_time_total / 1e6 / steps
+    ops = sum(spent.values())
+    spent["Python, module calls, dispatch"] = max(wall - ops, 0.0)
+    print(f"\n## where a decode step goes: {label}, batch 1, 128 cached positions "
+          f"({wall * 1e3:.2f} ms/step under the profiler)")
+    for kind, t in spent.items():
+        print(f"{kind:<34}{t * 1e3:>8.2f} ms{t / wall:>7.0%}")
 
 
 if __name__ == "__main__":

@@ -144,6 +144,7 @@ def test_training_moves_only_the_adapter_and_the_merge_keeps_its_logits(tmp_path
     assert all(torch.equal(after[name], base[name]) for name in after)  # bit-identical
     assert all(torch.count_nonzero(layer.lora.B) for layer in lora_layers(model).values())  # it trained
 
+    assert (tmp_path / "loss.png").is_file() and not (tmp_path / "model.pth").exists()
     for name in ("last.pt", "best.pt", "adapter.pt"):  # a LoRA run's checkpoints are adapters, not models
         state = safe_load(tmp_path / name)
         assert state["format"] == "scratchgpt-lora" and "model_state_dict" not in state
@@ -276,6 +277,17 @@ def test_sigkill_and_resume_of_a_lora_run_gives_bitwise_the_same_losses(tmp_path
     adapter = safe_load(tmp_path / "killed" / "adapter.pt")
     assert adapter["base"]["source"] == str(base_checkpoint) and len(adapter["layers"]) == 6
     assert (tmp_path / "killed" / "last.pt").stat().st_size < 200_000  # no copy of the 3.2M-parameter base
+
+
+def test_full_fine_tuning_starts_from_a_checkpoint_given_to_init(tmp_path, tokenizer, base_checkpoint, capsys):
+    assert main(["train", *RUN[:-1], "--init", str(base_checkpoint), "--max-steps", "1", "--eval-every", "1",
+                 "--out-dir", str(tmp_path)]) == 0
+    assert "3,243,968 parameters" in capsys.readouterr().out  # the base's, not the default model's
+    state = safe_load(tmp_path / "last.pt")
+    assert state["train_config"]["init"] == str(base_checkpoint) and state["config"]["emb_dim"] == 32
+    before = safe_load(base_checkpoint)["model_state_dict"]["trf_blocks.0.att.W_query.weight"]
+    change = (state["model_state_dict"]["trf_blocks.0.att.W_query.weight"] - before).abs().max()
+    assert 0 < change < 5e-3  # one AdamW step (lr 2e-3) away from the base; a fresh init differs by ~0.1
 
 
 def test_train_refuses_bad_lora_flags_in_one_line(tmp_path, tokenizer, base_checkpoint, capsys):

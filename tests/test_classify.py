@@ -14,9 +14,12 @@ from scratchgpt.tasks.classify import (
     balance,
     calc_accuracy_loader,
     classification_collate_fn,
+    classify_probabilities,
+    classify_review,
     label_names,
     last_token_logits,
     load_classification_data,
+    read_texts,
     replace_head,
     set_trainable_layers,
 )
@@ -148,3 +151,25 @@ def test_a_classifier_checkpoint_loads_with_its_head_and_labels(tmp_path):
         assert torch.equal(loaded(idx), model(idx)) and loaded.out_head.weight.shape == (3, 48)
     save_checkpoint(tmp_path / "lm.pt", GPTModel(tiny_config()))
     assert checkpoint_task(tmp_path / "lm.pt") == {}
+
+
+def test_classify_review_names_the_most_likely_class(tokenizer):
+    model = replace_head(sharp_model(seed=3, vocab_size=PAD + 1), 2).eval()
+    texts = ["You are a winner! Claim your free prize now", "See you at lunch tomorrow?", "ok"]
+    probabilities = classify_probabilities(texts, model, tokenizer)
+    assert torch.allclose(probabilities.sum(dim=-1), torch.ones(3))
+    for text, row in zip(texts, probabilities):
+        assert classify_review(text, model, tokenizer, "cpu") == ("not spam", "spam")[int(row.argmax())]
+        assert classify_review(text, model, tokenizer, "cpu", labels=[0, 1]) == int(row.argmax())
+    with pytest.raises(ValueError, match="cannot classify an empty text"):
+        classify_probabilities(["fine", ""], model, tokenizer)
+
+
+def test_texts_to_classify_come_from_lines_or_a_column(tmp_path):
+    assert read_texts(write(tmp_path, "t.txt", "first text\n\n  \nsecond, text\n")) == ["first text", "second, text"]
+    assert read_texts(write(tmp_path, "t.csv", "id,body\n1,hello\n2,world\n"), "body") == ["hello", "world"]
+    with pytest.raises(ValueError, match=r"t.jsonl: line 2: missing column 'text' \(has: body\)"):
+        read_texts(write(tmp_path, "t.jsonl", '{"text": "a"}\n{"body": "b"}\n'))
+    (tmp_path / "bad.txt").write_bytes(b"fine\n\xff broken\n")
+    with pytest.raises(ValueError, match=r"bad.txt: not UTF-8 text \(byte 5: invalid start byte\)"):
+        read_texts(tmp_path / "bad.txt")

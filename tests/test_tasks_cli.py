@@ -4,7 +4,6 @@ and bad input named by file and line."""
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import subprocess
@@ -13,10 +12,12 @@ import sys
 import pytest
 import torch
 
-from scratchgpt.checkpoint import checkpoint_task, load_model_from_checkpoint, safe_load
+from scratchgpt import GPTModel, save_checkpoint
+from scratchgpt.checkpoint import checkpoint_task, load_model_from_checkpoint, safe_load, shape_for_task
 from scratchgpt.cli import main
 from scratchgpt.tasks.classify import classify_probabilities
 from scratchgpt.generate import generate
+from scratchgpt.lora import load_adapter
 from scratchgpt.tasks.instruct import format_prompt, generate_response, stream_response
 from task_data import classification_records, instruction_records, write_csv
 
@@ -229,3 +230,31 @@ def test_chat_streams_an_answer_per_line_until_quit(instructed, tokenizer):
     model = load_model_from_checkpoint(folder / "run" / "model.pth")
     first, second = ("".join(stream_response(model, tokenizer, {"instruction": m}, "phi3")) for m in messages)
     assert out == f"> {first}\n> > {second}\n> "  # a "> " prompt per line read: the empty one gets no answer
+
+
+def test_a_lora_classifier_trains_adapters_and_head_and_classifies_through_its_adapter(tmp_path, tokenizer, capsys):
+    torch.manual_seed(0)
+    base = GPTModel({"vocab_size": 50257, "context_length": 64, "emb_dim": 32, "n_heads": 2, "n_layers": 2,
+                     "drop_rate": 0.0, "qkv_bias": True})
+    save_checkpoint(tmp_path / "base.pt", base)
+    records = classification_records()
+    write_csv(tmp_path / "d.csv", records[:30] + records[-30:])
+    train = ["train", "--task", "classify", "--data", str(tmp_path / "d.csv"), "--init", str(tmp_path / "base.pt"),
+             "--lora-rank", "4", "--context-length", "32", "--batch-size", "8", "--max-steps", "2",
+             "--eval-every", "2", "--eval-iters", "1", "--device", "cpu", "--out-dir", str(tmp_path / "run")]
+    assert main([*train, "--train-layers", "all"]) == 1
+    assert "--train-layers chooses what trains without LoRA" in capsys.readouterr().err
+    assert main(train) == 0
+    adapter = safe_load(tmp_path / "run" / "adapter.pt")
+    assert adapter["task"] == {"kind": "classify", "labels": ["docs", "license"]}
+    assert adapter["trained_in_full"] == ["out_head.weight", "out_head.bias"]
+    capsys.readouterr()
+    text = records[0]["text"]
+    assert main(["classify", "--checkpoint", str(tmp_path / "base.pt"), "--lora", str(tmp_path / "run" / "adapter.pt"),
+                 "--device", "cpu", text]) == 0
+    label, probability = capsys.readouterr().out.split()
+    model = load_model_from_checkpoint(tmp_path / "base.pt")
+    load_adapter(tmp_path / "run" / "adapter.pt", shape_for_task(model, adapter["task"]))
+    expected = classify_probabilities([text], model, tokenizer)[0]
+    assert label == ["docs", "license"][int(expected.argmax())]
+    assert float(probability) == pytest.approx(float(expected.max()), abs=1e-4)

@@ -34,6 +34,8 @@ from .model import (
     TransformerBlock,
     count_parameters,
 )
+from .tasks.classify import ClassifyTask, calc_accuracy_loader, classify_review
+from .tasks.instruct import InstructionDataset, InstructTask, custom_collate_fn, format_input
 from .tokenizer import get_tokenizer, text_to_token_ids, token_ids_to_text
 from .train import (
     TrainConfig,
@@ -90,4 +92,11 @@ __all__ = [
     "save_adapter",
     "load_adapter",
     "quantize_model",
+    "format_input",
+    "InstructionDataset",
+    "custom_collate_fn",
+    "InstructTask",
+    "calc_accuracy_loader",
+    "classify_review",
+    "ClassifyTask",
 ]

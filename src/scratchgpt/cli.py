@@ -457,6 +457,12 @@ def _train_config(args: argparse.Namespace, init_source: str | None) -> TrainCon
         seed=args.seed, deterministic=args.deterministic, device=args.device, resume=args.resume, init=init_source)
 
 
+def _check_vocab(model: GPTModel, tokenizer) -> None:
+    if model.cfg.vocab_size < tokenizer.n_vocab:
+        raise ValueError(f"the model's vocab_size {model.cfg.vocab_size} is smaller than the GPT-2 tokenizer's "
+                         f"{tokenizer.n_vocab}: its token ids would not fit")
+
+
 def _prepare_model(model: GPTModel, args: argparse.Namespace, task: object | None = None) -> None:
     """A task's changes to the model (a classifier's new head and what trains), then LoRA over
     them: what the task added keeps training in full."""
@@ -464,7 +470,11 @@ def _prepare_model(model: GPTModel, args: argparse.Namespace, task: object | Non
     if isinstance(task, ClassifyTask):
         torch.manual_seed(args.seed)  # the new head's initial weights
         replace_head(model, len(task.meta["labels"]))
-        set_trainable_layers(model, args.train_layers)
+        if args.lora_rank is None:
+            set_trainable_layers(model, args.train_layers or "last-1")
+        elif args.train_layers is not None:
+            raise ValueError("--train-layers chooses what trains without LoRA; with --lora-rank the adapters "
+                             "and the new head train (--lora-targets chooses the layers)")
     if args.lora_rank is not None:
         _add_lora(model, args, [name for name, p in model.named_parameters() if id(p) not in loaded])
 
@@ -510,9 +520,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         tokens = np.asarray(tokenizer.encode(text, allowed_special={ENDOFTEXT}), dtype=np.uint16)
     train_tokens, val_tokens = split_tokens(tokens, args.val_fraction)
     model, gpt2_tokenizer, init_source = _train_model(args, tokenizer.n_vocab)
-    if model.cfg.vocab_size < tokenizer.n_vocab:
-        raise ValueError(f"the model's vocab_size {model.cfg.vocab_size} is smaller than the GPT-2 tokenizer's "
-                         f"{tokenizer.n_vocab}: its token ids would not fit")
+    _check_vocab(model, tokenizer)
     _prepare_model(model, args)
     trainer = Trainer(model, (train_tokens, val_tokens), _train_config(args, init_source),
                       tokenizer=gpt2_tokenizer or tokenizer)
@@ -548,9 +556,9 @@ def add_task_args(parser: argparse.ArgumentParser) -> None:
     task.add_argument("--text-column", default="text", help="classify: the column holding the text (default text;"
                       " a number for a file without a header row)")
     task.add_argument("--label-column", default="label", help="classify: the column holding the label (default label)")
-    task.add_argument("--train-layers", default="last-1", metavar="all|last-N",
+    task.add_argument("--train-layers", default=None, metavar="all|last-N",
                       help="classify: what trains besides the new head: the last N blocks and the final norm "
-                           "(default last-1, the walkthrough's), or all")
+                           "(default last-1, the walkthrough's), or all (with LoRA: the adapters)")
     task.add_argument("--balance", action="store_true",
                       help="classify: undersample every class to the size of the smallest, as the walkthrough does")
 
@@ -572,6 +580,7 @@ def cmd_train_task(args: argparse.Namespace) -> None:
     tokenizer = get_tokenizer()
     model, gpt2_tokenizer, init_source = _train_model(args, tokenizer.n_vocab)
     tokenizer = gpt2_tokenizer or tokenizer
+    _check_vocab(model, tokenizer)
     max_length = min(args.context_length or model.cfg.context_length, model.cfg.context_length)
     task = _build_task(args, tokenizer, max_length)
     _prepare_model(model, args, task)

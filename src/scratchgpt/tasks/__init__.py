@@ -3,5 +3,7 @@
 A task brings its data (batched deterministically from an epoch and a position,
 so that resumed runs read exactly what an uninterrupted one would) and its loss;
 the Trainer brings everything else. `base.Task` is the contract;
-`pretrain.LanguageModelTask` is next-token prediction on a token array.
+`pretrain.LanguageModelTask` is next-token prediction on a token array;
+`instruct.InstructTask` instruction fine-tuning and `classify.ClassifyTask` text
+classification, both on records read by `records.read_records`.
 """

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..kernels import Linear
 from ..tokenizer import ENDOFTEXT_ID
 from .base import Batch, Task, epoch_order
-from .records import DELIMITERS, Records, long_records, read_records, train_val_records
+from .records import DELIMITERS, Records, long_records, read_records, read_text, train_val_records
 
 
 # --------------------------------------------------------------------------- data
@@ -75,9 +75,7 @@ def read_texts(path: str | os.PathLike, text_column: str = "text") -> list[str]:
     if path.suffix.lower() in (*DELIMITERS, ".json", ".jsonl"):
         records = read_records(path, header=not text_column.isdigit())
         return [_text(records, i, text_column) for i in range(len(records))]
-    if not path.is_file():
-        raise FileNotFoundError(f"file not found: {path}")
-    texts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    texts = [line for line in read_text(path).splitlines() if line.strip()]
     if not texts:
         raise ValueError(f"{path}: holds no text")
     return texts

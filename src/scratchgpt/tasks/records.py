@@ -61,16 +61,21 @@ def train_val_records(load: Callable[[str | os.PathLike], Records], data: str | 
     return records.split(val_fraction, seed)
 
 
+def read_text(path: Path) -> str:
+    """A data file's UTF-8 text; errors name the file (and the offending byte)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+
+
 def read_records(path: str | os.PathLike, header: bool = True) -> Records:
     """The records of a JSON list, JSON lines, CSV or TSV file (by suffix: .csv, .tsv, .tab;
     anything else is JSON). Without `header`, CSV/TSV columns are named "0", "1", ..."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    text = read_text(path)
     if path.suffix.lower() in DELIMITERS:
         records = _read_table(path, text, DELIMITERS[path.suffix.lower()], header)
     elif text.lstrip().startswith("["):

@@ -497,6 +497,21 @@ def test_a_model_that_fails_to_load_stops_the_server_with_one_line(tmp_path):
     assert result.stderr.strip().splitlines() == [f"scratchgpt serve: error: checkpoint not found: {missing}"]
 
 
+def test_a_classifier_is_not_served(trained, tmp_path):
+    from scratchgpt.checkpoint import shape_for_task
+
+    task = {"kind": "classify", "labels": ["docs", "license"]}
+    classifier = shape_for_task(GPTModel(trained[0].cfg), task)  # its head has one output per label
+    path = tmp_path / "classifier.pt"
+    save_checkpoint(path, classifier, task=task)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-m", "scratchgpt.cli", "serve", "--checkpoint", str(path),
+                             "--port", "0"], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"scratchgpt serve: error: {path} is a classifier (labels: docs, license); use `scratchgpt classify`"]
+
+
 # --------------------------------------------------------------------------- loading and mid-stream errors
 
 def test_health_is_503_until_loaded_and_a_mid_stream_error_is_an_event(tokenizer):

@@ -7,12 +7,17 @@ interleaved round by round:
 - single-stream tokens/s through HTTP (a streaming /v1/completions request, from
   sending it to `data: [DONE]`) against in-process `generate` with the same prompt;
 - aggregate tokens/s with 1, 2, 4 and 8 concurrent streaming clients;
-- time to first token, p50 and p95, at 8 clients.
+- time to first token, p50 and p95, at 8 clients;
+- CPU milliseconds per token (server process + this client, or this process for
+  `generate`): on a machine shared with other work the wall-clock rates swing 2x or
+  more from run to run, while the CPU each token costs moves far less (run with
+  OMP_WAIT_POLICY=passive so that spinning OpenMP workers are not counted as work).
 
 Targets (issue 9): HTTP single stream >= 0.9x in-process, 8 clients >= 4x one client.
 
-    .venv/bin/python benchmarks/bench_serve.py           # ~3 minutes on 2 busy cores
+    .venv/bin/python benchmarks/bench_serve.py           # ~10 minutes on 2 busy cores
     .venv/bin/python benchmarks/bench_serve.py --quick   # 32 new tokens, 2 rounds
+    OMP_WAIT_POLICY=passive .venv/bin/python benchmarks/bench_serve.py   # workers that sleep, not spin
 """
 
 from __future__ import annotations
@@ -50,6 +55,15 @@ def start_server(size: str, threads: int, max_batch: int) -> tuple[subprocess.Po
             threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()  # keep draining
             return proc, match.group(1)
     raise RuntimeError(f"the server exited with {proc.wait()} before it was ready")
+
+
+def cpu_seconds(pid: int | None = None) -> float:
+    """User + system CPU seconds of process `pid` (Linux /proc), or of this process."""
+    if pid is None:
+        times = os.times()
+        return times.user + times.system
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def stream(client: httpx.Client, prompt: list[int], max_tokens: int) -> tuple[float, float, int, str]:
@@ -91,7 +105,8 @@ def main() -> None:
     setup_threads(args.threads)
     print(f"# bench_serve: {machine_line()}")
     print(f"shape {args.size}, fp32, prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens per "
-          f"request, greedy; server --max-batch {max(clients)}, {args.threads} threads")
+          f"request, greedy; server --max-batch {max(clients)}, {args.threads} threads, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
 
     torch.manual_seed(0)  # the weights `scratchgpt serve --preset` builds
     model = GPTModel(gpt2_config(args.size)).eval()
@@ -104,19 +119,24 @@ def main() -> None:
         http = httpx.Client(base_url=url, timeout=600)
         tokenizer, in_process_text = get_tokenizer(), []
 
+        cpu = {"generate": [], **{k: [] for k in clients}}  # CPU ms per token
+
         def in_process() -> float:
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), cpu_seconds()
             out = generate(model, torch.tensor([prompts[0]]), n, ctx, eos_id=50256)
             seconds = time.perf_counter() - start
+            cpu["generate"].append((cpu_seconds() - cpu_start) * 1000 / n)
             in_process_text[:] = [tokenizer.decode(out[0, len(prompts[0]):].tolist())]
             return seconds
 
         def concurrent(k: int) -> tuple[float, int, list[float]]:
             """k clients at once: (wall seconds, tokens, times to first token)."""
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), cpu_seconds() + cpu_seconds(proc.pid)
             with ThreadPoolExecutor(k) as pool:
                 results = list(pool.map(lambda i: stream(http, prompts[i], n), range(k)))
-            return time.perf_counter() - start, sum(r[2] for r in results), [r[0] for r in results]
+            tokens = sum(r[2] for r in results)
+            cpu[k].append((cpu_seconds() + cpu_seconds(proc.pid) - cpu_start) * 1000 / tokens)
+            return time.perf_counter() - start, tokens, [r[0] for r in results]
 
         stream(http, prompts[0], 4)  # warm up both sides
         in_process()
@@ -144,6 +164,11 @@ def main() -> None:
               f"({median(aggregate[k]) / one:.2f}x {clients[0]} client; range {min(aggregate[k]):.1f}-"
               f"{max(aggregate[k]):.1f})")
     print(f"8 clients / 1 client: {median(aggregate[max(clients)]) / one:.2f}x (target >= 4x)")
+    print(f"CPU ms per token: in-process generate {median(cpu['generate']):.1f}; through HTTP "
+          + ", ".join(f"{k} client{'s' if k > 1 else ''} {median(cpu[k]):.1f}" for k in clients)
+          + f" -> HTTP single stream costs {median(cpu[clients[0]]) / median(cpu['generate']):.2f}x the CPU of "
+            f"generate per token, {max(clients)} clients {median(cpu[clients[0]]) / median(cpu[max(clients)]):.2f}x "
+            f"fewer CPU ms per token than 1")
     q = statistics.quantiles(ttft, n=20, method="inclusive")
     print(f"time to first token at {max(clients)} clients ({len(ttft)} requests): p50 {median(ttft) * 1000:.0f} ms, "
           f"p95 {q[18] * 1000:.0f} ms")

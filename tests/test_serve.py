@@ -233,6 +233,9 @@ def test_n_logprobs_echo_stop_and_seed(server, trained, tokenizer):
     assert echoed.logprobs.tokens[:len(ids)] == [token_text(tokenizer, t) for t in ids]
     assert echoed.logprobs.token_logprobs[0] is None and echoed.logprobs.token_logprobs[1] < 0
     assert echoed.logprobs.text_offset[len(ids)] == len(prompt)
+    scoring = create(model=str(path), prompt=prompt, max_tokens=0, echo=True, logprobs=0).choices[0]
+    assert scoring.text == prompt and scoring.finish_reason == "length"
+    assert scoring.logprobs.token_logprobs == echoed.logprobs.token_logprobs[:len(ids)]
 
     long = create(model=str(path), prompt=prompt, max_tokens=40, temperature=0).choices[0].text
     stop = long[len(long) // 2:len(long) // 2 + 3]
@@ -494,6 +497,21 @@ def test_a_model_that_fails_to_load_stops_the_server_with_one_line(tmp_path):
     assert result.stderr.strip().splitlines() == [f"scratchgpt serve: error: checkpoint not found: {missing}"]
 
 
+def test_a_classifier_is_not_served(trained, tmp_path):
+    from scratchgpt.checkpoint import shape_for_task
+
+    task = {"kind": "classify", "labels": ["docs", "license"]}
+    classifier = shape_for_task(GPTModel(trained[0].cfg), task)  # its head has one output per label
+    path = tmp_path / "classifier.pt"
+    save_checkpoint(path, classifier, task=task)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-m", "scratchgpt.cli", "serve", "--checkpoint", str(path),
+                             "--port", "0"], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"scratchgpt serve: error: {path} is a classifier (labels: docs, license); use `scratchgpt classify`"]
+
+
 # --------------------------------------------------------------------------- loading and mid-stream errors
 
 def test_health_is_503_until_loaded_and_a_mid_stream_error_is_an_event(tokenizer):
@@ -561,45 +579,66 @@ def test_the_playground_streams_and_stop_cancels_on_the_server(server, tmp_path)
     playwright = pytest.importorskip("playwright.sync_api", reason="playwright is a dev dependency")
     executable = chromium()
     before = server.wait_idle()
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=executable, headless=True, args=["--no-sandbox"])
-        try:
-            page = browser.new_page(viewport={"width": 1000, "height": 760})
-            page.goto(server.url + "/")
-            page.fill("#key", KEY)
-            page.dispatch_event("#key", "change")
-            page.wait_for_function("document.getElementById('model').textContent.includes('context 1024')")
+    cancelled = 'scratchgpt_requests_finished_total{finish_reason="cancelled"}'
 
-            # errors reach the person
-            page.fill("#max_tokens", "5000")
-            page.click("#generate")
-            page.wait_for_function("document.getElementById('error').textContent.length > 0")
-            shown_error = page.text_content("#error")
-            assert "400: the prompt's" in shown_error and "max_tokens 5000" in shown_error
+    # seven other users share the batch all along (and slow each step down, so Stop lands mid-answer)
+    others_in, others_done = threading.Event(), threading.Event()
 
-            page.fill("#prompt", "The while statement is used")
-            page.fill("#max_tokens", "1000")
-            page.fill("#temperature", "0")
-            page.evaluate("""() => {
-                const completion = document.getElementById('completion');
-                window.lengths = [];
-                new MutationObserver(() => window.lengths.push(completion.textContent.length))
-                    .observe(completion, {childList: true, characterData: true, subtree: true});
-            }""")
-            page.click("#generate")
-            page.wait_for_function("window.lengths.length >= 8")
-            page.click("#stop")
-            page.wait_for_function("document.getElementById('status').textContent.includes('stopped')")
-            lengths = page.evaluate("window.lengths")
-            assert len(set(lengths)) >= 8 and lengths == sorted(lengths)  # tokens arrived one after another
-            assert re.search(r"\d+ tokens · [\d.]+ tokens/s", page.text_content("#status"))
-            page.screenshot(path=str(tmp_path / "playground.png"))
-            shown = page.text_content("#completion")
-        finally:
-            browser.close()
-    after = server.wait_idle()
-    assert after["scratchgpt_requests_finished_total{finish_reason=\"cancelled\"}"] == \
-        before["scratchgpt_requests_finished_total{finish_reason=\"cancelled\"}"] + 1
-    generated = after["scratchgpt_generation_tokens_total"] - before["scratchgpt_generation_tokens_total"]
-    assert generated < 1000 and shown
+    def others():
+        body = {"prompt": "x", "n": 7, "max_tokens": 1000, "temperature": 0, "stream": True}
+        while not others_done.is_set():
+            with server.http.stream("POST", "/v1/completions", json=body) as response:
+                for _ in response.iter_lines():
+                    others_in.set()
+                    if others_done.is_set():
+                        return
+
+    load = threading.Thread(target=others)
+    load.start()
+    assert others_in.wait(60)
+    try:
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=executable, headless=True, args=["--no-sandbox"])
+            try:
+                page = browser.new_page(viewport={"width": 1000, "height": 760})
+                page.goto(server.url + "/")
+                page.fill("#key", KEY)
+                page.dispatch_event("#key", "change")
+                page.wait_for_function("document.getElementById('model').textContent.includes('context 1024')")
+
+                # errors reach the person
+                page.fill("#max_tokens", "5000")
+                page.click("#generate")
+                page.wait_for_function("document.getElementById('error').textContent.length > 0")
+                shown_error = page.text_content("#error")
+                assert "400: the prompt's" in shown_error and "max_tokens 5000" in shown_error
+
+                page.fill("#prompt", "The while statement is used")
+                page.fill("#max_tokens", "1000")
+                page.fill("#temperature", "0")
+                page.evaluate("""() => {
+                    const completion = document.getElementById('completion');
+                    window.lengths = [];
+                    new MutationObserver(() => window.lengths.push(completion.textContent.length))
+                        .observe(completion, {childList: true, characterData: true, subtree: true});
+                }""")
+                page.click("#generate")
+                page.wait_for_function("window.lengths.length >= 8")
+                page.click("#stop")
+                page.wait_for_function("document.getElementById('status').textContent.includes('stopped')")
+                lengths = page.evaluate("window.lengths")
+                assert len(set(lengths)) >= 8 and lengths == sorted(lengths)  # tokens arrived one after another
+                assert re.search(r"\d+ tokens · [\d.]+ tokens/s", page.text_content("#status"))
+                page.screenshot(path=str(tmp_path / "playground.png"))
+                assert page.text_content("#completion").startswith(" for repeated execution")
+            finally:
+                browser.close()
+        deadline = time.monotonic() + 30  # the browser's request was cancelled; the others finish or run on
+        while server.metrics()[cancelled] != before[cancelled] + 1:
+            assert time.monotonic() < deadline, server.metrics()
+            time.sleep(0.01)
+    finally:
+        others_done.set()
+        load.join(60)
+    server.wait_idle()
     print(f"screenshot: {tmp_path / 'playground.png'}")

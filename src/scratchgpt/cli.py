@@ -129,14 +129,20 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_generate)
 
 
-def prompt_style_for(args: argparse.Namespace) -> str | None:
-    """The prompt style to wrap what a person types in: --prompt-style, else the one an
-    instruction-tuned checkpoint or adapter stores; None for plain continuation. A classifier
-    is refused."""
+def generation_task(args: argparse.Namespace) -> dict:
+    """`model_task(args)` for a command that generates text: a classifier is refused."""
     task = model_task(args)
     if task.get("kind") == "classify":
         raise ValueError(f"{args.lora or args.checkpoint} is a classifier (labels: "
                          f"{', '.join(map(str, task['labels']))}); use `scratchgpt classify`")
+    return task
+
+
+def prompt_style_for(args: argparse.Namespace) -> str | None:
+    """The prompt style to wrap what a person types in: --prompt-style, else the one an
+    instruction-tuned checkpoint or adapter stores; None for plain continuation. A classifier
+    is refused."""
+    task = generation_task(args)
     style = args.prompt_style or task.get("prompt_style")
     return None if style == "none" else style
 
@@ -753,8 +759,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-batch must be >= 1 and --max-queue >= 0, got {args.max_batch} and {args.max_queue}")
 
     def load():
+        template = template_for_task(generation_task(args))
         model, tokenizer = load_model_from_args(args)
-        template = template_for_task(model_task(args))
         return Engine(model, tokenizer, args.max_batch, args.max_queue), template
 
     run_server(ServeState(served_model_name(args), api_key=args.api_key), args.host, args.port, load,

@@ -91,9 +91,12 @@ def matmul_peak_gflops(dtype: torch.dtype = torch.float32, n: int = 2048, repeat
 
 
 def seed_model_from_gpt(model) -> seed_reference.GPTModel:
-    """The seed-style model holding `model`'s weights (the state_dict keys are the same)."""
+    """The seed-style model holding `model`'s weights (the state_dict keys are the same);
+    a tied `model` gives a tied seed model (its head assigned the token embedding)."""
     cfg = model.cfg.to_dict()
-    cfg.pop("tie_weights", None)
+    tied = cfg.pop("tie_weights", False)
     seed = seed_reference.GPTModel(cfg)
     seed.load_state_dict(model.state_dict())
+    if tied:
+        seed.out_head.weight = seed.tok_emb.weight
     return seed

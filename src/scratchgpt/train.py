@@ -38,6 +38,7 @@ from .fileio import atomic_write
 from .distributed import all_reduce_sum, any_process, gather_objects, init_distributed
 from .generate import generate
 from .lora import adapter_checkpoint, base_identity, load_adapter, lora_layers, trained_in_full
+from .losses import chunked_head_cross_entropy, logits_cross_entropy, vocab_head
 from .plot import plot_history
 from .tasks.base import Task
 from .tokenizer import text_to_token_ids, token_ids_to_text
@@ -47,10 +48,19 @@ from .tokenizer import text_to_token_ids, token_ids_to_text
 
 def calc_loss_batch(input_batch: torch.Tensor, target_batch: torch.Tensor, model: nn.Module,
                     device: torch.device | str) -> torch.Tensor:
-    """Mean cross-entropy of the model's next-token predictions over a batch."""
+    """Mean cross-entropy of the model's next-token predictions over a batch; targets of -100 are skipped.
+
+    Where the model's head is a plain Linear onto the vocabulary (`losses.vocab_head`), the loss
+    comes from the final hidden states in chunks (`losses.chunked_head_cross_entropy`): the same
+    value and gradients as logits + `F.cross_entropy`, without the [B, T, vocab] logits. The
+    forward still goes through `model` itself, so torch.compile and DDP wrappers keep working.
+    """
     input_batch, target_batch = input_batch.to(device), target_batch.to(device)
-    logits = model(input_batch)
-    return F.cross_entropy(logits.flatten(0, 1), target_batch.flatten())
+    head = vocab_head(unwrap_model(model))
+    if head is None:
+        return logits_cross_entropy(model(input_batch), target_batch)
+    hidden = model(input_batch, return_hidden=True)
+    return chunked_head_cross_entropy(hidden, head.weight, target_batch)
 
 
 def calc_loss_loader(data_loader: DataLoader, model: nn.Module, device: torch.device | str,

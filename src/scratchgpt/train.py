@@ -27,7 +27,6 @@ from typing import Any
 import numpy as np
 import tiktoken
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm

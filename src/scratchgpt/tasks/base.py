@@ -55,6 +55,31 @@ class Task(ABC):
         return None
 
 
+class ExampleTask(Task):
+    """A task whose examples are items of one dataset per split (`self.datasets["train"]`,
+    `["val"]`), shuffled each epoch from `self.seed`; subclasses say how items batch (`_batch`)."""
+
+    datasets: dict[str, Sequence]
+    seed: int
+
+    @abstractmethod
+    def _batch(self, split: str, indices: Sequence[int]) -> Batch:
+        """Items `indices` of `split`, collated."""
+
+    def epoch_size(self) -> int:
+        return len(self.datasets["train"])
+
+    def train_batch(self, epoch: int, first: int, count: int) -> Batch:
+        order = epoch_order(self.epoch_size(), self.seed, epoch)
+        return self._batch("train", order[first:first + count].tolist())
+
+    def eval_size(self, split: str) -> int:
+        return len(self.datasets[split])
+
+    def eval_batch(self, split: str, indices: Sequence[int]) -> Batch:
+        return self._batch(split, indices)
+
+
 def epoch_order(num_examples: int, seed: int, epoch: int) -> torch.Tensor:
     """A permutation of `num_examples` that depends only on the seed and the epoch."""
     gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..kernels import Linear
 from ..tokenizer import ENDOFTEXT_ID
-from .base import Batch, Task, epoch_order
+from .base import Batch, ExampleTask
 from .records import DELIMITERS, Records, long_records, read_records, read_text, train_val_records
 
 
@@ -240,7 +240,7 @@ def classify_review(text: str, model: nn.Module, tokenizer: tiktoken.Encoding, d
 
 # --------------------------------------------------------------------------- the task
 
-class ClassifyTask(Task):
+class ClassifyTask(ExampleTask):
     """Text classification: cross-entropy of the last real token's class logits; reports accuracy.
 
     `labels` default to the training split's, sorted; validation labels must be among them.
@@ -273,22 +273,10 @@ class ClassifyTask(Task):
             train, val = balance(train, seed), balance(val, seed)
         return cls(train, val, tokenizer, max_length, seed=seed, on_long=on_long)
 
-    def epoch_size(self) -> int:
-        return len(self.datasets["train"])
-
     def _batch(self, split: str, indices: Sequence[int]) -> Batch:
         dataset = self.datasets[split]
         return classification_collate_fn([dataset[i] for i in indices], allowed_max_length=self.max_length)
 
-    def train_batch(self, epoch: int, first: int, count: int) -> Batch:
-        order = epoch_order(self.epoch_size(), self.seed, epoch)
-        return self._batch("train", order[first:first + count].tolist())
-
-    def eval_size(self, split: str) -> int:
-        return len(self.datasets[split])
-
-    def eval_batch(self, split: str, indices: Sequence[int]) -> Batch:
-        return self._batch(split, indices)
 
     def _logits(self, model: nn.Module, batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         inputs, lengths, labels = _unpack(batch, device)

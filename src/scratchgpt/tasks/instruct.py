@@ -25,7 +25,7 @@ from ..checkpoint import unwrap_model
 from ..fileio import atomic_write
 from ..generate import generate_stream
 from ..tokenizer import ENDOFTEXT_ID, decode_stream
-from .base import Batch, Task, epoch_order
+from .base import Batch, ExampleTask
 from .records import Records, long_records, read_records, train_val_records
 
 ALPACA_PREAMBLE = ("Below is an instruction that describes a task. "
@@ -157,7 +157,7 @@ def instruction_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tens
 
 # --------------------------------------------------------------------------- the task
 
-class InstructTask(Task):
+class InstructTask(ExampleTask):
     """Instruction fine-tuning: next-token loss on prompt + output + end-of-text, padded per batch.
 
     `max_length` is the longest example (tokens) a batch may hold, the model's context at most;
@@ -185,24 +185,12 @@ class InstructTask(Task):
         train, val = train_val_records(load_instruction_data, data, val_data, val_fraction, seed)
         return cls(train, val, tokenizer, max_length, seed=seed, **options)
 
-    def epoch_size(self) -> int:
-        return len(self.datasets["train"])
-
     def _batch(self, split: str, indices: Sequence[int]) -> Batch:
         dataset = self.datasets[split]
         prompts = [dataset.prompt_lengths[i] for i in indices] if self.mask_prompt else None
         return custom_collate_fn([dataset[i] for i in indices], allowed_max_length=self.max_length,
                                  prompt_lengths=prompts)
 
-    def train_batch(self, epoch: int, first: int, count: int) -> Batch:
-        order = epoch_order(self.epoch_size(), self.seed, epoch)
-        return self._batch("train", order[first:first + count].tolist())
-
-    def eval_size(self, split: str) -> int:
-        return len(self.datasets[split])
-
-    def eval_batch(self, split: str, indices: Sequence[int]) -> Batch:
-        return self._batch(split, indices)
 
     def loss(self, model: nn.Module, batch: Batch, device: torch.device) -> tuple[torch.Tensor, int]:
         inputs, targets = batch

@@ -6,7 +6,9 @@ faster on some hardware, and each is tested against the plain PyTorch path:
 - `Linear`: oneDNN's matmul for CPU inference, fp32, and bf16 with weights packed
   into oneDNN's blocked layout;
 - `Int8Linear` and `quantize_model`: int8 weights with one fp32 scale per output
-  channel, multiplied by PyTorch's int8 weight kernel on CPU.
+  channel, multiplied by PyTorch's int8 weight kernel on CPU;
+- `CompiledDecoder`: one-token decode steps over the ragged KV cache as one
+  `torch.compile` graph (`generate(..., compile=True)`).
 
 One switch turns every fast path off, so that the model runs plain PyTorch (the
 reference): `SCRATCHGPT_KERNELS=0` in the environment, or `set_enabled(False)`.
@@ -285,8 +287,8 @@ def quantize_model(model: nn.Module, quantization: str = "int8") -> nn.Module:
         raise ValueError(f"unknown quantization {quantization!r}: choose from {', '.join(QUANTIZATIONS)}")
     linears = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     if not linears:
-        kind = "already int8-quantized" if any(isinstance(m, Int8Linear) for m in model.modules()) else "without linear layers"
-        raise ValueError(f"nothing to quantize: the model is {kind}")
+        done = any(isinstance(m, Int8Linear) for m in model.modules())
+        raise ValueError(f"nothing to quantize: the model {'is already int8-quantized' if done else 'has no Linear'}")
     for name, linear in linears:
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name), attr, Int8Linear.from_linear(linear))

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -315,6 +316,10 @@ def test_compiled_decoding_equals_eager_and_compiles_once():
     same = torch.stack(prompts_of([16, 16, 16]))
     assert torch.equal(generate(model, same, 10, 64, compile=True), generate(model, same, 10, 64))
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 1  # not one per step
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None  # the decoder kept for the model does not keep the model
 
 
 @pytest.mark.slow

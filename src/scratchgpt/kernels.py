@@ -6,7 +6,9 @@ faster on some hardware, and each is tested against the plain PyTorch path:
 - `Linear`: oneDNN's matmul for CPU inference, fp32, and bf16 with weights packed
   into oneDNN's blocked layout;
 - `Int8Linear` and `quantize_model`: int8 weights with one fp32 scale per output
-  channel, multiplied by PyTorch's int8 weight kernel on CPU.
+  channel, multiplied by PyTorch's int8 weight kernel on CPU;
+- `CompiledDecoder`: one-token decode steps over the ragged KV cache as one
+  `torch.compile` graph (`generate(..., compile=True)`).
 
 One switch turns every fast path off, so that the model runs plain PyTorch (the
 reference): `SCRATCHGPT_KERNELS=0` in the environment, or `set_enabled(False)`.
@@ -285,8 +287,8 @@ def quantize_model(model: nn.Module, quantization: str = "int8") -> nn.Module:
         raise ValueError(f"unknown quantization {quantization!r}: choose from {', '.join(QUANTIZATIONS)}")
     linears = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     if not linears:
-        kind = "already int8-quantized" if any(isinstance(m, Int8Linear) for m in model.modules()) else "without linear layers"
-        raise ValueError(f"nothing to quantize: the model is {kind}")
+        done = any(isinstance(m, Int8Linear) for m in model.modules())
+        raise ValueError(f"nothing to quantize: the model {'is already int8-quantized' if done else 'has no Linear'}")
     for name, linear in linears:
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name), attr, Int8Linear.from_linear(linear))
@@ -325,27 +327,29 @@ class CompiledDecoder:
     """
 
     def __init__(self, model: nn.Module):
-        self.model = model
-        self._compiled = torch.compile(self._forward, fullgraph=True)
-
-    def _forward(self, tokens: torch.Tensor, step: "_StepCache") -> torch.Tensor:
-        return self.model(tokens, cache=step, logits_from=-1)
+        self._model = weakref.ref(model)  # `compiled_decoder` keeps decoders as long as their models live
+        self._compiled = torch.compile(_decode_step, fullgraph=True)
 
     def __call__(self, tokens: torch.Tensor, cache) -> torch.Tensor:
+        model = self._model()
         lengths = cache.lengths
         kv_len = max(lengths) + 1
         if not _enabled or tokens.shape[1] != 1 or kv_len < 2:
-            return self.model(tokens, cache=cache, logits_from=-1)
+            return model(tokens, cache=cache, logits_from=-1)
         if kv_len > cache.max_len:
             raise ValueError(f"{max(lengths)} cached + 1 new token exceed the KV cache's {cache.max_len} positions")
         positions = torch.tensor(lengths, device=tokens.device)[:, None]  # [B, 1]
         # each row attends to its own positions up to the new one: [B, 1 (heads), 1 (token), kv_len]
         mask = (torch.arange(kv_len, device=tokens.device) <= positions[:, :, None]).unsqueeze(1)
         torch._dynamo.decorators.mark_unbacked(mask, 3)
-        logits = self._compiled(tokens, _StepCache(cache, positions, mask))
+        logits = self._compiled(model, tokens, _StepCache(cache, positions, mask))
         for row, length in enumerate(lengths):
             cache.set_length(row, length + 1)
         return logits
+
+
+def _decode_step(model: nn.Module, tokens: torch.Tensor, step: "_StepCache") -> torch.Tensor:
+    return model(tokens, cache=step, logits_from=-1)
 
 
 _DECODERS: "weakref.WeakKeyDictionary[nn.Module, CompiledDecoder]" = weakref.WeakKeyDictionary()

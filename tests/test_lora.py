@@ -27,12 +27,14 @@ from scratchgpt import (
     save_adapter,
     save_checkpoint,
 )
-from scratchgpt.checkpoint import load_model_from_checkpoint, safe_load
+from scratchgpt.checkpoint import load_model_from_checkpoint, safe_load, shape_for_task
 from scratchgpt.cli import main
 from scratchgpt.data import builtin_corpus, split_tokens
 from scratchgpt.lora import LORA_TARGETS, base_parameters, lora_layers
 from scratchgpt.model import empty_model
+from scratchgpt.tasks.classify import classify_probabilities
 from scratchgpt.train import TrainConfig, Trainer
+from task_data import classification_records, write_csv
 
 IDS = torch.randint(0, 384, (2, 32), generator=torch.Generator().manual_seed(7))
 
@@ -288,6 +290,40 @@ def test_full_fine_tuning_starts_from_a_checkpoint_given_to_init(tmp_path, token
     before = safe_load(base_checkpoint)["model_state_dict"]["trf_blocks.0.att.W_query.weight"]
     change = (state["model_state_dict"]["trf_blocks.0.att.W_query.weight"] - before).abs().max()
     assert 0 < change < 5e-3  # one AdamW step (lr 2e-3) away from the base; a fresh init differs by ~0.1
+
+
+def test_a_lora_classifier_keeps_its_new_head_and_merges_into_a_checkpoint(tmp_path, tokenizer, base_checkpoint,
+                                                                           capsys):
+    records = classification_records()
+    write_csv(tmp_path / "paragraphs.csv", records[:40] + records[-40:])  # docs first, licenses last
+    assert main(["train", "--task", "classify", "--data", str(tmp_path / "paragraphs.csv"), "--init",
+                 str(base_checkpoint), "--lora-rank", "4", "--context-length", "64", "--batch-size", "8",
+                 "--max-steps", "3", "--eval-every", "3", "--eval-iters", "1", "--device", "cpu",
+                 "--out-dir", str(tmp_path / "run")]) == 0
+    adapter = safe_load(tmp_path / "run" / "adapter.pt")
+    assert adapter["trained_in_full"] == ["out_head.weight", "out_head.bias"]  # the new head, not lost
+    assert adapter["adapter_state_dict"]["out_head.weight"].shape == (2, 32)
+    assert adapter["task"] == {"kind": "classify", "labels": ["docs", "license"]}
+
+    merged = tmp_path / "merged.pt"
+    assert main(["convert", str(base_checkpoint), str(merged), "--to", "checkpoint",
+                 "--merge-lora", str(tmp_path / "run" / "adapter.pt")]) == 0
+    capsys.readouterr()
+    text = "Permission is hereby granted, free of charge, to any person obtaining a copy"
+    printed = []
+    for source in (["--checkpoint", str(base_checkpoint), "--lora", str(tmp_path / "run" / "adapter.pt")],
+                   ["--checkpoint", str(merged)]):
+        assert main(["classify", *source, "--device", "cpu", text]) == 0
+        printed.append(capsys.readouterr().out.strip().split("\t"))
+    model = shape_for_task(load_model_from_checkpoint(base_checkpoint), adapter["task"])
+    load_adapter(tmp_path / "run" / "adapter.pt", model)
+    expected = classify_probabilities([text], model, tokenizer)[0]
+    for label, probability in printed:
+        assert label == ["docs", "license"][int(expected.argmax())]
+        assert float(probability) == pytest.approx(expected.max().item(), abs=1e-4)
+    assert main(["convert", str(base_checkpoint), str(tmp_path / "hf"), "--to", "hf",
+                 "--merge-lora", str(tmp_path / "run" / "adapter.pt")]) == 1
+    assert "a classifier (labels ['docs', 'license']) has no hf GPT-2 layout" in capsys.readouterr().err
 
 
 def test_train_refuses_bad_lora_flags_in_one_line(tmp_path, tokenizer, base_checkpoint, capsys):

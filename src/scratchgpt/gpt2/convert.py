@@ -4,7 +4,9 @@
 - `hf`: a Hugging Face folder (`config.json` + `model.safetensors`);
 - `checkpoint`: a scratchgpt checkpoint file (`save_checkpoint`).
 
-A LoRA adapter can be merged into the model on the way (`lora`).
+A LoRA adapter can be merged into the model on the way (`lora`). What a model was
+fine-tuned for (a checkpoint's or adapter's `task`: a classifier's labels, a prompt
+style) goes along into a checkpoint; a classifier has no OpenAI or HF GPT-2 layout.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import load_model_from_checkpoint, save_checkpoint
-from ..lora import load_adapter, merge_lora
+from ..checkpoint import checkpoint_task, load_model_from_checkpoint, save_checkpoint, shape_for_task
+from ..lora import apply_adapter, merge_lora, read_adapter
 from ..model import GPTModel
 from .hf import load_hf_gpt2, save_hf_gpt2
 from .load import load_gpt2_from_folder, save_gpt2_tf
@@ -46,14 +48,16 @@ def load_model(fmt: str, path: str | os.PathLike, device: str | torch.device = "
     return loaders[fmt](path, device)
 
 
-def save_model(fmt: str, model: GPTModel, path: str | os.PathLike) -> Path:
-    """Store `model` at `path` in format `fmt`."""
+def save_model(fmt: str, model: GPTModel, path: str | os.PathLike, task: dict | None = None) -> Path:
+    """Store `model` at `path` in format `fmt`, with the `task` it was fine-tuned for (checkpoints only)."""
+    if fmt in ("openai", "hf") and (task or {}).get("kind") == "classify":
+        raise ValueError(f"a classifier (labels {task['labels']}) has no {fmt} GPT-2 layout: use --to checkpoint")
     if fmt == "openai":
         return save_gpt2_tf(model, path)
     if fmt == "hf":
         return save_hf_gpt2(model, path)
     if fmt == "checkpoint":
-        save_checkpoint(path, model)
+        save_checkpoint(path, model, **({"task": task} if task else {}))
         return Path(path)
     raise ValueError(f"unknown model format {fmt!r}; choose one of {list(FORMATS)}")
 
@@ -71,10 +75,13 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dst_format: str, src
     if src.resolve() == dst.resolve():
         raise ValueError(f"{dst}: source and destination are the same")
     model = load_model(src_format, src)
+    task = checkpoint_task(src) if src_format == "checkpoint" else {}
     if lora is not None:
-        load_adapter(lora, model)
+        adapter = read_adapter(lora)
+        task = adapter.get("task", {})
+        apply_adapter(shape_for_task(model, task), adapter, str(lora))  # a classifier adapter brings its head
         model = merge_lora(model)
-    out = save_model(dst_format, model, dst)
+    out = save_model(dst_format, model, dst, task)
     if dst_format != "checkpoint" and all((src / name).is_file() for name in VOCAB_FILES):
         for name in VOCAB_FILES:
             shutil.copyfile(src / name, out / name)

@@ -172,3 +172,12 @@ def test_the_task_batches_by_epoch_order_and_stores_its_prompt_style(tokenizer, 
     assert ((first[1] != -100).sum(dim=1) == 2).all()  # mask-prompt: one digit and the end-of-text
     with pytest.raises(ValueError, match="unknown prompt style 'chatml'"):
         InstructTask(records, records, tokenizer, 64, prompt_style="chatml")
+
+
+def test_a_batch_with_nothing_to_score_has_zero_loss_and_a_gradient():
+    model = GPTModel(tiny_config(vocab_size=PAD + 1, context_length=16))
+    inputs, targets = custom_collate_fn([[5, 6, 7], [8, 9]], prompt_lengths=[4, 3])  # all prompt
+    loss, count = instruction_loss(model, inputs, targets, "cpu")
+    assert count == 0 and loss.item() == 0.0
+    loss.backward()
+    assert model.tok_emb.weight.grad is not None

@@ -16,7 +16,6 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import tiktoken
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
@@ -24,6 +23,7 @@ from tqdm import tqdm
 from ..checkpoint import unwrap_model
 from ..fileio import atomic_write
 from ..generate import generate_stream
+from ..losses import chunked_head_cross_entropy, logits_cross_entropy, vocab_head
 from ..tokenizer import ENDOFTEXT_ID, decode_stream
 from .base import Batch, ExampleTask
 from .records import Records, long_records, read_records, train_val_records
@@ -144,15 +144,21 @@ def instruction_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tens
                      device: torch.device | str) -> tuple[torch.Tensor, int]:
     """(mean cross-entropy over the targets that are not -100, how many there are).
 
-    The same value as `calc_loss_batch`, but the output head runs only at the scored
-    positions: padding and masked prompts cost no vocabulary-sized logits.
+    The value of `calc_loss_batch`, but the output head runs only at the scored positions
+    (padding and masked prompts cost no vocabulary-sized logits), in chunks where
+    `losses.vocab_head` allows. A batch with nothing to score gives a zero loss.
     """
     inputs, targets = inputs.to(device), targets.to(device)
-    hidden = model(inputs, return_hidden=True)  # [B, T, E], final-normed
     scored = targets != -100
-    logits = unwrap_model(model).out_head(hidden[scored])  # [N, V]
+    hidden = model(inputs, return_hidden=True)[scored]  # [N, E], final-normed
     count = int(scored.sum())
-    return F.cross_entropy(logits, targets[scored], reduction="sum") / max(count, 1), count
+    if count == 0:
+        return hidden.sum() * 0.0, 0  # still a graph, as every process under DDP needs one
+    plain = unwrap_model(model)
+    head = vocab_head(plain)
+    if head is None:  # a LoRA-wrapped head, say
+        return logits_cross_entropy(plain.out_head(hidden), targets[scored]), count
+    return chunked_head_cross_entropy(hidden, head.weight, targets[scored]), count
 
 
 # --------------------------------------------------------------------------- the task

@@ -61,7 +61,7 @@ SHAPES = {  # name: (config, batch, tokens)
     "small": ({**_GPT2, "emb_dim": 384, "n_layers": 6, "n_heads": 6}, 8, 256),
 }
 LR, WD = 4e-4, 0.1  # the seed's AdamW settings, used by every contender
-LOSS_SCRATCHGPT = "calc_loss_batch: logits + F.cross_entropy"
+LOSS_SCRATCHGPT = "calc_loss_batch: chunked head + cross-entropy (losses.py)"
 LOSS_PLAIN = "logits + F.cross_entropy"
 CPU = torch.device("cpu")
 

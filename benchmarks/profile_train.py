@@ -1,12 +1,13 @@
 """Where the time of one training step goes: a 124M step (the identical-settings shape of
 bench_train.py: tied head, qkv biases, dropout 0, batch 2x256, fused AdamW) under
-torch.profiler, fp32 and bf16 autocast, with the plain loss (logits + F.cross_entropy).
+torch.profiler, fp32 and bf16 autocast, with the trainer's loss (`--loss chunked`: the chunked
+head + cross-entropy of `calc_loss_batch`) or the plain one (`--loss plain`: logits + F.cross_entropy).
 
 Prints, per dtype: the wall time and minor page faults of each phase (the blocks'
 forward, head + loss, backward, optimizer step; medians of `--steps` steps), then the
 profiler's self CPU time summed by kind of operator, and the top operators.
 
-    .venv/bin/python benchmarks/profile_train.py [--dtypes fp32,bf16]
+    .venv/bin/python benchmarks/profile_train.py [--dtypes fp32,bf16] [--loss chunked|plain]
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from bench_train import SHAPES, batch_for, fused_adamw, ours
 from common import machine_line, median, setup_threads
-import torch.nn.functional as F
+from scratchgpt.losses import chunked_head_cross_entropy, logits_cross_entropy
 
 KINDS = [  # (kind, substrings of operator names), first match wins
     ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")),
@@ -49,7 +50,7 @@ def kind_of(name: str) -> str:
     return "other"
 
 
-def run(dt: str, steps: int, top: int) -> None:
+def run(dt: str, loss_path: str, steps: int, top: int) -> None:
     cfg, b, t = SHAPES["124M"]
     model = ours(cfg)
     opt = fused_adamw(model)
@@ -61,7 +62,10 @@ def run(dt: str, steps: int, top: int) -> None:
         with amp:
             hidden = model(x, return_hidden=True)
             marks.append((time.perf_counter(), minflt()))
-            loss = F.cross_entropy(model.out_head(hidden).flatten(0, 1), y.flatten())
+            if loss_path == "chunked":
+                loss = chunked_head_cross_entropy(hidden, model.out_head.weight, y)
+            else:
+                loss = logits_cross_entropy(model.out_head(hidden), y)
         marks.append((time.perf_counter(), minflt()))
         loss.backward()
         marks.append((time.perf_counter(), minflt()))
@@ -80,7 +84,7 @@ def run(dt: str, steps: int, top: int) -> None:
     for _ in range(steps):
         step(phases)
     total = sum(median(v) for k, v in phases.items() if k.endswith(" s"))
-    print(f"\n## 124M step, {dt}, plain loss: {total:.2f} s (sum of the phase medians)")
+    print(f"\n## 124M step, {dt}, {loss_path} loss: {total:.2f} s (sum of the phase medians)")
     for name in ("forward (blocks)", "head + loss", "backward", "optimizer"):
         s = median(phases[name + " s"])
         print(f"  {name:<18}{s:>7.3f} s {s / total:>5.0%}   {median(phases[name + ' faults']):>8.0f} faults")
@@ -103,6 +107,8 @@ def run(dt: str, steps: int, top: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dtypes", default="fp32,bf16")
+    ap.add_argument("--loss", choices=("chunked", "plain"), default="chunked",
+                    help="chunked: the trainer's calc_loss_batch path; plain: logits + F.cross_entropy")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--threads", type=int, default=2)
@@ -110,7 +116,7 @@ def main() -> None:
     setup_threads(args.threads)
     print(f"# profile_train: {machine_line()}")
     for dt in args.dtypes.split(","):
-        run(dt, args.steps, args.top)
+        run(dt, args.loss, args.steps, args.top)
 
 
 if __name__ == "__main__":

@@ -124,14 +124,41 @@ def test_packed_weights_stay_out_of_copies_and_saves_and_go_with_the_model():
 
 
 @needs_onednn
-def test_training_uses_f_linear_and_gets_exact_gradients():
-    layer = Linear(64, 96)
-    x = torch.randn(4, 64, requires_grad=True)
+@pytest.mark.parametrize("shape", [(4, 64), (2, 3, 64)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("trained", ["all", "input only", "weights only"])
+def test_fp32_training_goes_through_onednn_with_the_gradients_of_f_linear(shape, bias, trained):
+    g = torch.Generator().manual_seed(0)
+    layer = Linear(64, 96, bias=bias)
+    layer.requires_grad_(trained != "input only")
+    x = torch.randn(shape, generator=g, requires_grad=trained != "weights only")
+    upstream = torch.randn(*shape[:-1], 96, generator=g)
+    params = [t for t in (x, layer.weight, layer.bias) if t is not None and t.requires_grad]
+
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # autograd warns when it backprops through an op without a backward
+        assert "mkldnn::_linear_pointwise" in ops_run(lambda: layer(x).backward(upstream))
+    out = layer(x)
+    grads = torch.autograd.grad(out, params, upstream)
+    want_out = F.linear(x, layer.weight, layer.bias)
+    want_grads = torch.autograd.grad(want_out, params, upstream)
+    assert (out - want_out).abs().max().item() <= 1e-5 * want_out.abs().max().item()
+    for got, want in zip(grads, want_grads):
+        assert got.shape == want.shape
+        assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+
+
+@needs_onednn
+def test_training_under_autocast_or_with_kernels_off_uses_f_linear():
+    layer = Linear(64, 96)
+    x = torch.randn(4, 64, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert "mkldnn::_linear_pointwise" not in ops_run(lambda: layer(x).float().sum().backward())
+    previous = set_enabled(False)
+    try:
         assert "mkldnn::_linear_pointwise" not in ops_run(lambda: layer(x).sum().backward())
-    expected = torch.ones(4, 96) @ layer.weight
-    assert torch.allclose(x.grad, expected, atol=1e-6)
+    finally:
+        set_enabled(previous)
 
 
 def test_autocast_still_casts_inference_to_bf16():

@@ -23,6 +23,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -68,6 +69,8 @@ class Linear(nn.Linear):
             if torch.compiler.is_compiling():
                 return onednn_linear(x, self.weight, self.bias)  # one opaque op in the graph
             return _onednn_linear(x, self.weight, self.bias)  # eager: no trip through the dispatcher
+        if _onednn_trains(x, self.weight):
+            return _OneDNNLinearFunction.apply(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
     def _apply(self, fn, recurse=True):
@@ -92,6 +95,57 @@ def _onednn_serves(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and x.device.type == weight.device.type == "cpu"
             and x.dtype == weight.dtype and x.dtype in (torch.float32, torch.bfloat16)
             and not torch.is_autocast_enabled("cpu") and torch.backends.mkldnn.enabled)
+
+
+def _onednn_trains(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether oneDNN computes this product and the backward's input gradient: eager fp32 training on CPU.
+
+    (bf16 autocast needs nothing here: PyTorch's own bf16 matmul already calls oneDNN.)
+    """
+    return (_ONEDNN_LINEAR and _enabled and torch.is_grad_enabled()
+            and (x.requires_grad or weight.requires_grad)
+            and x.device.type == weight.device.type == "cpu"
+            and x.dtype == weight.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu") and torch.backends.mkldnn.enabled
+            and not torch.compiler.is_compiling())
+
+
+class _OneDNNLinearFunction(torch.autograd.Function):
+    """`F.linear` for fp32 CPU training, its forward and input gradient multiplied by oneDNN.
+
+    On the AMD CPUs we measured, MKL's fp32 GEMM reaches 100-170 GFLOP/s on GPT-2's shapes
+    and oneDNN 160-200, the gap widest for the output head (benchmarks/README.md). The
+    weight gradient, where MKL is as fast, stays `torch.mm`.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _onednn_linear(x, weight, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        grad2d = grad.reshape(-1, weight.shape[0])  # [N, out]
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = matmul_nt(grad2d, weight.t()).view(x.shape)  # [N, out] @ [out, in]
+        if ctx.needs_input_grad[1]:
+            grad_weight = torch.mm(grad2d.t(), x.reshape(-1, weight.shape[1]))  # [out, N] @ [N, in]
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad2d.sum(0)
+        return grad_x, grad_weight, grad_bias
+
+
+def matmul_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b.T for a [N, K] and b [M, K], outside autograd: oneDNN's matmul for fp32 and bf16
+    on x86 CPUs (b may be a transposed view), `torch.mm` elsewhere and with the fast paths off."""
+    if (_ONEDNN_LINEAR and _enabled and a.device.type == b.device.type == "cpu" and a.dtype == b.dtype
+            and a.dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.enabled):
+        return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+    return torch.mm(a, b.t())
 
 
 def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

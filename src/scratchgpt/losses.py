@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .kernels import Linear
+from .kernels import Linear, matmul_nt
 from .model import GPTModel
 
 IGNORE_INDEX = -100  # F.cross_entropy's default: targets to skip (e.g. instruction prompts)
@@ -101,31 +101,33 @@ def _chunked_pass(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     inv_count = torch.where(count > 0, 1.0 / count.clamp(min=1), 0.0)
     safe_targets = targets.masked_fill(~valid, 0)[:, None]  # any id, for the gather; masked below
     grad_hidden = torch.empty_like(hidden) if need_hidden else None
-    grad_weight = torch.zeros_like(weight) if need_weight else None
+    grad_weight = torch.empty_like(weight) if need_weight else None  # the first chunk writes it whole
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     rows = min(rows, n)
-    logits = hidden.new_empty(rows, vocab)  # buffers reused by every chunk; in fp32 one does for both
-    logp = logits if logits.dtype == torch.float32 else logits.new_empty(rows, vocab, dtype=torch.float32)
+    fp32 = hidden.dtype == torch.float32
+    logp = None if fp32 else hidden.new_empty(rows, vocab, dtype=torch.float32)  # reused by every chunk
     for start in range(0, n, rows):
         stop = min(start + rows, n)
         h, t, v = hidden[start:stop], safe_targets[start:stop], valid[start:stop]
-        chunk_logits, chunk_logp = logits[:stop - start], logp[:stop - start]
-        torch.mm(h, weight.t(), out=chunk_logits)
-        torch.log_softmax(chunk_logits, -1, dtype=torch.float32, out=chunk_logp)  # in place in fp32
+        chunk_logits = matmul_nt(h, weight)  # [rows, V]
+        chunk_logp = chunk_logits if fp32 else logp[:stop - start].copy_(chunk_logits)  # fp32
+        torch.log_softmax(chunk_logp, -1, out=chunk_logp)  # in place
         total -= torch.where(v, chunk_logp.gather(1, t).squeeze(1), 0.0).sum()
         if not (need_hidden or need_weight):
             continue
         # d(mean loss)/d(logits) = (softmax - one-hot) / count, zero on ignored rows
         grad = chunk_logp.exp_().scatter_add_(1, t, chunk_logp.new_full(t.shape, -1.0))
         scale = (v * inv_count)[:, None]
-        if chunk_logits.dtype == torch.float32:
-            grad = grad.mul_(scale)
-        else:  # back to the compute dtype for the products, as autocast's backward does
-            grad = torch.mul(grad, scale, out=chunk_logits)
+        grad = grad.mul_(scale)
+        if not fp32:  # back to the compute dtype for the products, as autocast's backward does
+            grad = chunk_logits.copy_(grad)
         if need_hidden:
-            torch.mm(grad, weight, out=grad_hidden[start:stop])
+            grad_hidden[start:stop] = matmul_nt(grad, weight.t())  # [rows, V] @ [V, E]
         if need_weight:
-            grad_weight.addmm_(grad.t(), h)
+            if start == 0:
+                torch.mm(grad.t(), h, out=grad_weight)  # [V, rows] @ [rows, E]
+            else:
+                grad_weight.addmm_(grad.t(), h)
     return total / count, grad_hidden, grad_weight
 
 

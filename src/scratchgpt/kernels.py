@@ -139,6 +139,32 @@ class _OneDNNLinearFunction(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias
 
 
+def qkv_projection(x: torch.Tensor, query: nn.Module, key: nn.Module, value: nn.Module
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`query(x), key(x), value(x)`, in training as one product of x with the three weights stacked.
+
+    GPT-2 (and Hugging Face's `c_attn`) computes them as one [E, 3E] product; the seed, whose
+    parameter names we keep, as three. One product of thrice the width runs closer to the
+    matmul's peak on a CPU, and under bf16 autocast casts the input once instead of three
+    times. The stacking copies the three weights (a few MB per layer); autograd splits the
+    gradient back into them. Inference keeps the three layers (stacking would copy the
+    weights on every decoded token), and so does anything but three plain `Linear`s
+    (LoRA-wrapped, int8), and the switched-off path.
+    """
+    layers = (query, key, value)
+    if not (_enabled and torch.is_grad_enabled() and all(type(layer) is Linear for layer in layers)
+            and len({layer.bias is None for layer in layers}) == 1
+            and (x.requires_grad or any(layer.weight.requires_grad for layer in layers))):
+        return query(x), key(x), value(x)
+    weight = torch.cat([layer.weight for layer in layers])  # [3E, E]
+    bias = None if query.bias is None else torch.cat([layer.bias for layer in layers])
+    if _onednn_trains(x, weight):
+        y = _OneDNNLinearFunction.apply(x, weight, bias)
+    else:
+        y = F.linear(x, weight, bias)  # [B, T, 3E]
+    return y.split([layer.out_features for layer in layers], dim=-1)
+
+
 def matmul_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b.T for a [N, K] and b [M, K], outside autograd: oneDNN's matmul for fp32 and bf16
     on x86 CPUs (b may be a transposed view), `torch.mm` elsewhere and with the fast paths off."""

@@ -16,7 +16,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .config import ConfigLike, GPTConfig, as_config
-from .kernels import Linear  # nn.Linear with fast CPU inference; the plain F.linear is its reference
+from .kernels import Linear, qkv_projection  # fast paths beside the model; plain PyTorch is their reference
 
 
 class LayerNorm(nn.Module):
@@ -210,10 +210,12 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: LayerKV | None = None) -> torch.Tensor:
         b, num_tokens, _ = x.shape
+        # W_query(x), W_key(x), W_value(x): [B, T, E] each (in training, one stacked product)
+        q, k, v = qkv_projection(x, self.W_query, self.W_key, self.W_value)
         # [B, T, E] -> [B, H, T, D]
-        q = self.W_query(x).view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.W_key(x).view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
-        v = self.W_value(x).view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
+        q = q.view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
 
         dropout_p = self.dropout if self.training else 0.0
         if cache is None:

@@ -5,8 +5,9 @@
 - instructions: capitalize three words, or reverse their order, for word triples the model has
   not seen in training.
 
-`python tests/task_data.py DIR` writes both as the README's runs use them:
-DIR/paragraphs.csv (text,label) and DIR/instructions.json (a JSON list).
+`python tests/task_data.py DIR` writes them as the README's runs use them:
+DIR/paragraphs.csv (text,label), DIR/instructions.json (a JSON list) and DIR/licenses.txt
+(the license texts, for the LoRA run).
 """
 
 from __future__ import annotations
@@ -95,4 +96,5 @@ if __name__ == "__main__":
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "paragraphs.csv", classification_records())
     (out / "instructions.json").write_text(json.dumps(instruction_records(1200), indent=1) + "\n")
-    print(f"wrote {out / 'paragraphs.csv'} and {out / 'instructions.json'}")
+    (out / "licenses.txt").write_text("\n\n".join(license_texts()), encoding="utf-8")  # the README's LoRA run
+    print(f"wrote {out / 'paragraphs.csv'}, {out / 'instructions.json'} and {out / 'licenses.txt'}")

@@ -22,9 +22,11 @@ wide, otherwise the same) at 8x256; fp32 and bf16 autocast. Prints tokens/s, rat
 measured in the same run, the first step's loss (a check that the contenders compute
 the same function), minor page faults per step, and model FLOPs utilisation against
 the matmul peak measured in the same run. Then each identical-settings contender runs
-124M steps in a fresh process, for peak resident memory.
+124M steps in a fresh process, for peak resident memory. Last, the LoRA rows: LoRA
+(rank 8 on query and value) against full fine-tuning of the GPT-2 355M shape, fp32 and
+bf16, peak RSS and step time from fresh processes (bench_lora.py, which it runs).
 
-    .venv/bin/python benchmarks/bench_train.py            # everything, ~20 minutes on 2 busy cores
+    .venv/bin/python benchmarks/bench_train.py            # everything (LoRA rows: bench_lora.py), ~40 minutes
     .venv/bin/python benchmarks/bench_train.py --quick    # 124M, identical settings, fp32, 3 repeats
     .venv/bin/python benchmarks/bench_train.py --kinds same --shapes 124M --no-rss
 """
@@ -338,7 +340,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--kinds", default="same,users", help="same (identical settings), users (as users get it)")
+    ap.add_argument("--kinds", default="same,users,lora",
+                    help="same (identical settings), users (as users get it), lora (LoRA against full "
+                         "fine-tuning of the 355M shape, fresh processes: bench_lora.py)")
     ap.add_argument("--shapes", default="124M,small")
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--rss-rounds", type=int, default=1)
@@ -355,11 +359,18 @@ def main() -> None:
     if "bf16" in dtypes:
         peaks["bf16"] = matmul_peak_gflops(torch.bfloat16)
     print("measured matmul peak (2048^3): " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items()))
-    for kind in filter(None, args.kinds.split(",")):
+    kinds_wanted = list(filter(None, args.kinds.split(",")))
+    for kind in kinds_wanted:
+        if kind == "lora":
+            continue
         for shape in filter(None, args.shapes.split(",")):
             compare(kind, shape, dtypes, args.repeats, peaks)
     if not args.no_rss:
         fresh_processes(args.threads, args.rss_rounds, args.rss_dtypes.split(","))
+    if "lora" in kinds_wanted:  # its rows need a fresh process per contender: bench_lora.py runs them
+        print("\n## LoRA against full fine-tuning (bench_lora.py)", flush=True)
+        subprocess.run([sys.executable, str(Path(__file__).with_name("bench_lora.py")), "--threads",
+                        str(args.threads), "--dtypes", args.dtypes, *(["--quick"] if args.quick else [])], check=True)
     print(f"load average {os.getloadavg()[0]:.1f} at the end")
 
 

@@ -23,6 +23,8 @@ def main(argv: list[str]) -> int:
     scripts = sorted(HERE.glob("bench_*.py"))
     if wanted:
         scripts = [s for s in scripts if s.stem.removeprefix("bench_") in wanted or s.stem in wanted]
+    else:  # bench_train.py runs bench_lora.py for its LoRA rows: not twice
+        scripts = [s for s in scripts if s.stem != "bench_lora"]
     failed = []
     for script in scripts:
         print(f"\n===== {script.name} =====", flush=True)

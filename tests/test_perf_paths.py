@@ -86,6 +86,27 @@ def test_bf16_inference_uses_packed_weights_that_follow_every_change():
 
 
 @needs_onednn
+def test_fp32_inference_packs_weights_for_a_few_rows_only():
+    from scratchgpt.kernels import _PACKED, PACK_ROWS
+
+    layer = Linear(64, 96)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        assert "mkldnn::_reorder_linear_weight" not in ops_run(lambda: layer(torch.randn(1, 1, 64, generator=g)))
+        assert "mkldnn::_reorder_linear_weight" not in ops_run(lambda: layer(torch.randn(PACK_ROWS + 1, 64, generator=g)))
+        assert layer.weight not in _PACKED
+        for rows in (2, 8, PACK_ROWS):  # a batch of decoding sequences: packed once, then reused
+            x = torch.randn(rows, 1, 64, generator=g)
+            ops = ops_run(lambda: layer(x))
+            assert ("mkldnn::_reorder_linear_weight" in ops) == (rows == 2)
+            got, want = layer(x), F.linear(x, layer.weight, layer.bias)
+            assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+        layer.weight.mul_(-1)  # a changed weight is packed again
+        x = torch.randn(4, 64, generator=g)
+        assert torch.allclose(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-5)
+
+
+@needs_onednn
 def test_bf16_weights_made_in_inference_mode_work_unpacked():
     from scratchgpt.kernels import _PACKED
 

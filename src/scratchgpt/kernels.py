@@ -4,7 +4,8 @@
 faster on some hardware, and each is tested against the plain PyTorch path:
 
 - `Linear`: oneDNN's matmul for CPU inference, fp32, and bf16 with weights packed
-  into oneDNN's blocked layout;
+  into oneDNN's blocked layout (fp32 too for a few rows at a time: batched decoding);
+  and for fp32 training, with its gradients (`qkv_projection` stacks query, key and value);
 - `Int8Linear` and `quantize_model`: int8 weights with one fp32 scale per output
   channel, multiplied by PyTorch's int8 weight kernel on CPU;
 - `CompiledDecoder`: one-token decode steps over the ragged KV cache as one
@@ -61,7 +62,8 @@ class Linear(nn.Linear):
     streams 13-26 GB/s on the AMD CPUs we measured; oneDNN's matmul streams 28-35,
     close to the copy bandwidth, and is no slower for batches. bf16 weights stream
     well only once reordered into oneDNN's blocked layout, so that copy is kept
-    beside them (see `_packed_bf16`). Measured in benchmarks/README.md.
+    beside them (see `_packed`), and so do fp32 weights multiplied by a few rows at a time (a
+    batch of decoding sequences). Measured in benchmarks/README.md.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -74,7 +76,7 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
     def _apply(self, fn, recurse=True):
-        _PACKED.pop(self.weight, None)  # .to(), .float(), .cuda() ...: a packed bf16 copy is stale
+        _PACKED.pop(self.weight, None)  # .to(), .float(), .cuda() ...: a packed copy is stale
         return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -174,10 +176,18 @@ def matmul_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.mm(a, b.t())
 
 
+# fp32 products of 2..PACK_ROWS rows (a batch of decoding sequences, a short prompt) multiply with
+# weights packed for them: oneDNN then reads the weights once for all rows, at about the cost of
+# one row, where with the plain layout 8 rows cost 2-3x one (benchmarks/README.md).
+PACK_ROWS = 32
+
+
 def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ weight.T + bias through oneDNN (bf16 weights packed, see `_packed_bf16`)."""
-    packed = weight if x.dtype == torch.float32 else _packed_bf16(weight)
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    """x @ weight.T + bias through oneDNN: bf16 weights always packed, fp32 ones for a few rows
+    (see `_packed`); one fp32 row streams as fast from the plain layout, with no copy."""
+    if x.dtype == torch.bfloat16 or 1 < x.numel() // x.shape[-1] <= PACK_ROWS:
+        weight = _packed(weight)
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
 @torch.library.custom_op("scratchgpt::onednn_linear", mutates_args=())
@@ -193,21 +203,23 @@ def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
-# bf16 weight -> ((_version, storage address), weak ref to that storage, packed copy)
+# weight -> ((_version, storage address), weak ref to that storage, packed copy)
 _PACKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
-def _packed_bf16(weight: torch.Tensor) -> torch.Tensor:
+def _packed(weight: torch.Tensor) -> torch.Tensor:
     """`weight` in oneDNN's blocked layout, made once and remade when the weight changes.
 
-    Kept outside the module (keyed weakly by the weight) so that copying, saving
-    and `state_dict` never see the opaque tensor, and it goes when the weight goes.
-    It doubles the memory of bf16 weights while they are used for inference.
+    bf16 weights stream well only in it (tuned for one row); fp32 weights are packed for
+    8 rows, which batched decoding needs. Kept outside the module (keyed weakly by the
+    weight) so that copying, saving and `state_dict` never see the opaque tensor, and it
+    goes when the weight goes. It doubles the memory of the weights it is made for while
+    they are used for inference (fp32: only once products of several rows are asked for).
     A change is seen through the version counter (bumped by every in-place op:
     `load_state_dict`, `copy_`, optimizer steps) or a new storage (`weight.data = ...`);
     in-place writes through `weight.data` bypass both and are not seen.
     Weights made under `torch.inference_mode()` have no version counter: they are
-    used unpacked, at plain bf16 speed.
+    used unpacked, at the plain layout's speed.
     """
     if torch.is_inference(weight):
         return weight
@@ -215,7 +227,8 @@ def _packed_bf16(weight: torch.Tensor) -> torch.Tensor:
     stamp = (weight._version, storage.cdata)
     cached = _PACKED.get(weight)
     if cached is None or cached[0] != stamp:
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)  # 1: tuned for 1-row inputs
+        rows = 1 if weight.dtype == torch.bfloat16 else 8  # the rows the layout is tuned for
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
         # the weak ref is kept so that no later storage can be given this one's address
         cached = (stamp, storage, packed)
         _PACKED[weight] = cached

@@ -125,6 +125,23 @@ def test_bf16_autocast_is_as_close_to_fp32_as_the_plain_bf16_path(tokenizer):
         assert err <= 2 * plain_err + 1e-3 * scale, f"{name}: {err:.3g} against the plain bf16 {plain_err:.3g}"
 
 
+def test_bf16_losses_of_two_batches_before_one_backward_get_both_gradients(tokenizer):
+    """Under autocast the pass keeps its bf16 copy of the head weight from call to call: a
+    second loss computed before the first's backward must not disturb the first's gradients."""
+    model = model_with_sharp_head(tied=True)
+    (a_in, a_tg), (b_in, b_tg) = real_batch(tokenizer), real_batch(tokenizer, rows=3, tokens=24, masked=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, a = loss_and_grads(model, lambda: calc_loss_batch(a_in, a_tg, model, "cpu"))
+        _, b = loss_and_grads(model, lambda: calc_loss_batch(b_in, b_tg, model, "cpu"))
+        _, both = loss_and_grads(model, lambda: calc_loss_batch(a_in, a_tg, model, "cpu")
+                                 + calc_loss_batch(b_in, b_tg, model, "cpu"))
+    for name in both:  # bf16 rounds sums taken in another order differently: 2% of the largest entry
+        want = a[name] + b[name]
+        assert (both[name] - want).abs().max().item() <= 0.02 * want.abs().max().item() + 1e-6, name
+    head = "tok_emb.weight"  # the weight the pass casts: a clobbered copy would miss a batch's whole share
+    assert (both[head] - a[head]).abs().max().item() > 0.2 * b[head].abs().max().item()
+
+
 class LoRAHead(nn.Linear):
     """A head whose forward is not F.linear(x, weight): the chunked loss must not apply it itself."""
 

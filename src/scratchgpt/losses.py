@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .kernels import Linear, matmul_nt
 from .model import GPTModel
@@ -68,10 +69,10 @@ def chunked_head_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
         dtype = torch.get_autocast_dtype(device)
         if dtype == torch.float16:
             return logits_cross_entropy(F.linear(hidden, weight), targets, ignore_index)
-        hidden, weight = hidden.to(dtype), weight.to(dtype)  # differentiable casts, as autocast's
+        hidden = hidden.to(dtype)  # a differentiable cast, as autocast's; the weight is cast in the pass
     elif hidden.dtype == torch.float16:
         return logits_cross_entropy(F.linear(hidden, weight), targets, ignore_index)
-    if hidden.dtype != weight.dtype:
+    elif hidden.dtype != weight.dtype:
         raise TypeError(f"hidden states are {hidden.dtype} but the head weight is {weight.dtype}")
     hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     if hidden.shape[0] != targets.shape[0]:
@@ -89,10 +90,32 @@ def _chunk_rows(n: int, vocab: int) -> int:
     return max(1, math.ceil(n / max(1, chunks)))
 
 
+# Under autocast, the head weight cast to the compute dtype, and its gradient's accumulator in
+# that dtype, per weight, kept from one step to the next: made afresh each step, such a tensor
+# (77 MB in bf16 for GPT-2 124M) costs more in page faults than the copy itself. Both are used
+# only within one `_chunked_pass` (the gradient leaves it cast back to the weight's dtype).
+_CAST_BUFFERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _cast_buffers(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """`weight` cast to `dtype`, and a buffer of that shape and dtype for its gradient."""
+    buffers = _CAST_BUFFERS.get(weight)
+    if buffers is None or buffers[0].dtype != dtype or buffers[0].shape != weight.shape \
+            or buffers[0].device != weight.device:
+        buffers = _CAST_BUFFERS[weight] = (torch.empty_like(weight, dtype=dtype),
+                                           torch.empty_like(weight, dtype=dtype))
+    buffers[0].copy_(weight.detach())
+    return buffers
+
+
 def _chunked_pass(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
                   rows: int, need_hidden: bool, need_weight: bool
                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """The mean loss and, where asked, its gradients w.r.t. hidden [N, E] and weight [V, E]."""
+    """The mean loss and, where asked, its gradients w.r.t. hidden [N, E] and weight [V, E],
+    computed in hidden's dtype (a weight of another dtype is cast to it, its gradient back)."""
+    master = weight
+    if weight.dtype != hidden.dtype:
+        weight, weight_grad_buffer = _cast_buffers(master, hidden.dtype)
     n, vocab = hidden.shape[0], weight.shape[0]
     valid = targets != ignore_index
     count = valid.sum()
@@ -101,7 +124,9 @@ def _chunked_pass(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     inv_count = torch.where(count > 0, 1.0 / count.clamp(min=1), 0.0)
     safe_targets = targets.masked_fill(~valid, 0)[:, None]  # any id, for the gather; masked below
     grad_hidden = torch.empty_like(hidden) if need_hidden else None
-    grad_weight = torch.empty_like(weight) if need_weight else None  # the first chunk writes it whole
+    grad_weight = None  # the first chunk writes it whole
+    if need_weight:
+        grad_weight = torch.empty_like(weight) if weight is master else weight_grad_buffer
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     rows = min(rows, n)
     fp32 = hidden.dtype == torch.float32
@@ -128,6 +153,8 @@ def _chunked_pass(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
                 torch.mm(grad.t(), h, out=grad_weight)  # [V, rows] @ [rows, E]
             else:
                 grad_weight.addmm_(grad.t(), h)
+    if grad_weight is not None and weight is not master:
+        grad_weight = grad_weight.to(master.dtype)  # as autocast's backward casts it
     return total / count, grad_hidden, grad_weight
 
 

@@ -55,7 +55,8 @@ _ONEDNN_LINEAR = (platform.machine().lower() in ("x86_64", "amd64")
 
 
 class Linear(nn.Linear):
-    """`nn.Linear` (same parameters, same `state_dict`) that infers through oneDNN on x86 CPUs.
+    """`nn.Linear` (same parameters, same `state_dict`) that multiplies through oneDNN on x86 CPUs:
+    inference in fp32 and bf16, and fp32 training (`_OneDNNLinearFunction`).
 
     Decoding one token multiplies a vector by every weight matrix, so its speed is
     how fast the weights stream from memory. For fp32 PyTorch calls MKL, which

@@ -107,6 +107,25 @@ def test_fp32_inference_packs_weights_for_a_few_rows_only():
 
 
 @needs_onednn
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fused", [True, False])
+def test_packed_weights_follow_optimizer_steps(dtype, fused):
+    """Fused AdamW updates weights without bumping their version counters: the packed copies
+    must follow it anyway (a stale copy would sample from the untrained model)."""
+    layer = Linear(64, 96).to(dtype)
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=0.5, fused=fused)
+    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(0)).to(dtype)
+    for _ in range(3):
+        with torch.no_grad():
+            got = layer(x).float()  # packs (or reuses) the weight
+            want = F.linear(x.float(), layer.weight.float(), layer.bias.float())
+        assert (got - want).abs().max().item() <= 0.02 * want.abs().max().item()
+        layer(x).float().square().sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+@needs_onednn
 def test_bf16_weights_made_in_inference_mode_work_unpacked():
     from scratchgpt.kernels import _PACKED
 

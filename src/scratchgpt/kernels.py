@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -204,8 +205,17 @@ def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
-# weight -> ((_version, storage address), weak ref to that storage, packed copy)
+# weight -> ((_version, storage address, optimizer steps), weak ref to that storage, packed copy)
 _PACKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_optimizer_steps = 0  # every optimizer step anywhere: fused optimizers do not bump version counters
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
 
 
 def _packed(weight: torch.Tensor) -> torch.Tensor:
@@ -216,16 +226,17 @@ def _packed(weight: torch.Tensor) -> torch.Tensor:
     weight) so that copying, saving and `state_dict` never see the opaque tensor, and it
     goes when the weight goes. It doubles the memory of the weights it is made for while
     they are used for inference (fp32: only once products of several rows are asked for).
-    A change is seen through the version counter (bumped by every in-place op:
-    `load_state_dict`, `copy_`, optimizer steps) or a new storage (`weight.data = ...`);
-    in-place writes through `weight.data` bypass both and are not seen.
+    A change is seen through the version counter (bumped by in-place ops: `load_state_dict`,
+    `copy_`, for-loop and foreach optimizers), a new storage (`weight.data = ...`) or any
+    `torch.optim` optimizer's step (fused AdamW updates weights without bumping their version
+    counters); other in-place writes through `weight.data` bypass all three and are not seen.
     Weights made under `torch.inference_mode()` have no version counter: they are
     used unpacked, at the plain layout's speed.
     """
     if torch.is_inference(weight):
         return weight
     storage = StorageWeakRef(weight.untyped_storage())
-    stamp = (weight._version, storage.cdata)
+    stamp = (weight._version, storage.cdata, _optimizer_steps)
     cached = _PACKED.get(weight)
     if cached is None or cached[0] != stamp:
         rows = 1 if weight.dtype == torch.bfloat16 else 8  # the rows the layout is tuned for

@@ -97,15 +97,18 @@ def _chunk_rows(n: int, vocab: int) -> int:
 _CAST_BUFFERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
-def _cast_buffers(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """`weight` cast to `dtype`, and a buffer of that shape and dtype for its gradient."""
-    buffers = _CAST_BUFFERS.get(weight)
-    if buffers is None or buffers[0].dtype != dtype or buffers[0].shape != weight.shape \
-            or buffers[0].device != weight.device:
-        buffers = _CAST_BUFFERS[weight] = (torch.empty_like(weight, dtype=dtype),
-                                           torch.empty_like(weight, dtype=dtype))
-    buffers[0].copy_(weight.detach())
-    return buffers
+def _cast_buffers(weight: torch.Tensor, dtype: torch.dtype, need_grad: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`weight` cast to `dtype`, and (if `need_grad`: a frozen head needs none) a buffer of that
+    shape and dtype for its gradient."""
+    cast, grad = _CAST_BUFFERS.get(weight, (None, None))
+    if cast is None or cast.dtype != dtype or cast.shape != weight.shape or cast.device != weight.device:
+        cast, grad = torch.empty_like(weight, dtype=dtype), None
+    if need_grad and grad is None:
+        grad = torch.empty_like(cast)
+    _CAST_BUFFERS[weight] = (cast, grad)
+    cast.copy_(weight.detach())
+    return cast, grad
 
 
 def _chunked_pass(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
@@ -115,7 +118,7 @@ def _chunked_pass(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     computed in hidden's dtype (a weight of another dtype is cast to it, its gradient back)."""
     master = weight
     if weight.dtype != hidden.dtype:
-        weight, weight_grad_buffer = _cast_buffers(master, hidden.dtype)
+        weight, weight_grad_buffer = _cast_buffers(master, hidden.dtype, need_weight)
     n, vocab = hidden.shape[0], weight.shape[0]
     valid = targets != ignore_index
     count = valid.sum()

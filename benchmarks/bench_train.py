@@ -360,9 +360,7 @@ def main() -> None:
         peaks["bf16"] = matmul_peak_gflops(torch.bfloat16)
     print("measured matmul peak (2048^3): " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items()))
     kinds_wanted = list(filter(None, args.kinds.split(",")))
-    for kind in kinds_wanted:
-        if kind == "lora":
-            continue
+    for kind in (k for k in kinds_wanted if k != "lora"):
         for shape in filter(None, args.shapes.split(",")):
             compare(kind, shape, dtypes, args.repeats, peaks)
     if not args.no_rss:
@@ -370,7 +368,7 @@ def main() -> None:
     if "lora" in kinds_wanted:  # its rows need a fresh process per contender: bench_lora.py runs them
         print("\n## LoRA against full fine-tuning (bench_lora.py)", flush=True)
         subprocess.run([sys.executable, str(Path(__file__).with_name("bench_lora.py")), "--threads",
-                        str(args.threads), "--dtypes", args.dtypes, *(["--quick"] if args.quick else [])], check=True)
+                        str(args.threads), "--dtypes", args.dtypes], check=True)
     print(f"load average {os.getloadavg()[0]:.1f} at the end")
 
 

@@ -222,9 +222,11 @@ def test_a_training_step_equals_the_plain_path(qkv_bias, tied):
         return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
     fast_loss, fast = loss_and_grads()
+    assert "aten::cat" in ops_run(lambda: model(x))  # query, key and value stacked into one product
     previous = set_enabled(False)
     try:
         plain_loss, plain = loss_and_grads()
+        assert "aten::cat" not in ops_run(lambda: model(x))
     finally:
         set_enabled(previous)
     assert fast_loss == pytest.approx(plain_loss, rel=1e-6)

@@ -69,13 +69,7 @@ class Linear(nn.Linear):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _onednn_serves(x, self.weight):
-            if torch.compiler.is_compiling():
-                return onednn_linear(x, self.weight, self.bias)  # one opaque op in the graph
-            return _onednn_linear(x, self.weight, self.bias)  # eager: no trip through the dispatcher
-        if _onednn_trains(x, self.weight):
-            return _OneDNNLinearFunction.apply(x, self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
     def _apply(self, fn, recurse=True):
         _PACKED.pop(self.weight, None)  # .to(), .float(), .cuda() ...: a packed copy is stale
@@ -88,17 +82,33 @@ class Linear(nn.Linear):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
-def _onednn_serves(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether oneDNN computes this product: CPU inference in fp32 or bf16.
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` through the fastest path that computes it here (see `Linear`)."""
+    if _onednn_serves(x, weight):
+        if torch.compiler.is_compiling():
+            return onednn_linear(x, weight, bias)  # one opaque op in the graph
+        return _onednn_linear(x, weight, bias)  # eager: no trip through the dispatcher
+    if _onednn_trains(x, weight):
+        return _OneDNNLinearFunction.apply(x, weight, bias)
+    return F.linear(x, weight, bias)
 
-    oneDNN has no backward here, so with grad mode on this is `F.linear` (even for
-    frozen weights); so it is under autocast, which casts only the ops it knows.
-    `set_enabled(False)` or `torch.backends.mkldnn.enabled = False` turns it off.
+
+def _onednn_on(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """oneDNN's matmul is here and switched on, and both tensors are on the CPU.
+    `set_enabled(False)` or `torch.backends.mkldnn.enabled = False` turns it off."""
+    return (_ONEDNN_LINEAR and _enabled and torch.backends.mkldnn.enabled
+            and a.device.type == b.device.type == "cpu")
+
+
+def _onednn_serves(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether oneDNN computes this product as inference: no grad, fp32 or bf16.
+
+    With grad mode on, fp32 trains through `_OneDNNLinearFunction` and anything else is
+    `F.linear`; so is autocast, which casts only the ops it knows.
     """
-    return (_ONEDNN_LINEAR and _enabled and not torch.is_grad_enabled()
-            and x.device.type == weight.device.type == "cpu"
+    return (_onednn_on(x, weight) and not torch.is_grad_enabled()
             and x.dtype == weight.dtype and x.dtype in (torch.float32, torch.bfloat16)
-            and not torch.is_autocast_enabled("cpu") and torch.backends.mkldnn.enabled)
+            and not torch.is_autocast_enabled("cpu"))
 
 
 def _onednn_trains(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -106,12 +116,10 @@ def _onednn_trains(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
     (bf16 autocast needs nothing here: PyTorch's own bf16 matmul already calls oneDNN.)
     """
-    return (_ONEDNN_LINEAR and _enabled and torch.is_grad_enabled()
+    return (_onednn_on(x, weight) and torch.is_grad_enabled()
             and (x.requires_grad or weight.requires_grad)
-            and x.device.type == weight.device.type == "cpu"
             and x.dtype == weight.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu") and torch.backends.mkldnn.enabled
-            and not torch.compiler.is_compiling())
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
 
 
 class _OneDNNLinearFunction(torch.autograd.Function):
@@ -163,18 +171,14 @@ def qkv_projection(x: torch.Tensor, query: nn.Module, key: nn.Module, value: nn.
         return query(x), key(x), value(x)
     weight = torch.cat([layer.weight for layer in layers])  # [3E, E]
     bias = None if query.bias is None else torch.cat([layer.bias for layer in layers])
-    if _onednn_trains(x, weight):
-        y = _OneDNNLinearFunction.apply(x, weight, bias)
-    else:
-        y = F.linear(x, weight, bias)  # [B, T, 3E]
+    y = linear(x, weight, bias)  # [B, T, 3E]
     return y.split([layer.out_features for layer in layers], dim=-1)
 
 
 def matmul_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b.T for a [N, K] and b [M, K], outside autograd: oneDNN's matmul for fp32 and bf16
     on x86 CPUs (b may be a transposed view), `torch.mm` elsewhere and with the fast paths off."""
-    if (_ONEDNN_LINEAR and _enabled and a.device.type == b.device.type == "cpu" and a.dtype == b.dtype
-            and a.dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.enabled):
+    if _onednn_on(a, b) and a.dtype == b.dtype and a.dtype in (torch.float32, torch.bfloat16):
         return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
     return torch.mm(a, b.t())
 

@@ -267,9 +267,10 @@ def profile_step(model: GPTModel, label: str, steps: int = 32) -> None:
             for _ in range(steps):
                 model(token, cache=cache, logits_from=-1)
             wall = (time.perf_counter() - start) / steps
-    kinds = {"matrix products": ("mkldnn::_linear_pointwise", "aten::_weight_int8pack_mm", "aten::addmm",
-                                 "aten::mm", "aten::linear"),
-             "attention": ("aten::scaled_dot_product_attention", "aten::_scaled_dot_product_flash_attention_for_cpu",
+    kinds = {"matrix products": ("scratchgpt_cpu::decode_matmul", "mkldnn::_linear_pointwise",
+                                 "aten::_weight_int8pack_mm", "aten::addmm", "aten::mm", "aten::linear"),
+             "attention": ("scratchgpt_cpu::decode_attention", "aten::scaled_dot_product_attention",
+                           "aten::_scaled_dot_product_flash_attention_for_cpu",
                            "aten::_scaled_dot_product_attention_math"),
              "layer norms": ("aten::layer_norm", "aten::native_layer_norm"), "GELU": ("aten::gelu",),
              "copies (KV cache writes, casts)": ("aten::copy_", "aten::_to_copy", "aten::to", "aten::index_put_",

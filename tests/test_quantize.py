@@ -82,7 +82,7 @@ def test_int8_weights_are_symmetric_per_output_channel_within_half_a_step():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(1, 1, 64), (3, 5, 64), (7, 64)])
+@pytest.mark.parametrize("shape", [(3, 5, 64), (2, 6, 64), (40, 64)])  # a few rows: test_decode_kernels.py
 @pytest.mark.parametrize("bias", [True, False])
 def test_cpu_kernel_equals_dequantize_and_matmul(dtype, shape, bias):
     torch.manual_seed(0)
@@ -107,7 +107,7 @@ def test_widths_the_kernel_cannot_read_and_the_switched_off_kernel_use_the_refer
         assert torch.equal(layer(x), F.linear(x, layer.dequantized_weight(), layer.bias))
     set_enabled(True)
     odd = Int8Linear.from_linear(nn.Linear(20, 7))  # the kernel reads 16 columns at a time
-    x = torch.randn(2, 20)
+    x = torch.randn(12, 20)  # more rows than the decode kernel takes
     with torch.no_grad():
         assert "aten::_weight_int8pack_mm" not in ops_run(lambda: odd(x))
         assert torch.equal(odd(x), F.linear(x, odd.dequantized_weight(), odd.bias))

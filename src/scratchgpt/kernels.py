@@ -17,9 +17,14 @@ reference): `SCRATCHGPT_KERNELS=0` in the environment, or `set_enabled(False)`.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
+import sys
+import threading
+import warnings
 import weakref
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -84,6 +89,8 @@ class Linear(nn.Linear):
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear(x, weight, bias)` through the fastest path that computes it here (see `Linear`)."""
+    if _decode_serves(x, weight) and x.dtype == weight.dtype:
+        return decode_ops().decode_matmul(x, weight, None, bias)
     if _onednn_serves(x, weight):
         if torch.compiler.is_compiling():
             return onednn_linear(x, weight, bias)  # one opaque op in the graph
@@ -252,6 +259,97 @@ def _packed(weight: torch.Tensor) -> torch.Tensor:
     return cached[2]
 
 
+# ------------------------------------------------------------------------------- decoding's kernels
+
+# A decode step's products (a few rows times a weight, in fp32, bf16 or int8, read at the memory's
+# speed) and its attention (one query per sequence), by our own AVX-512 kernels (csrc/decode.cpp),
+# compiled for this machine on first use.
+DECODE_ROWS = 8
+_DECODE_SOURCE = Path(__file__).with_name("csrc") / "decode.cpp"
+_DECODE_CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-fopenmp"]
+_decode_ops = None  # torch.ops.scratchgpt_cpu once loaded; False where it cannot be
+_decode_lock = threading.Lock()
+
+
+def _decode_serves(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the decode kernel computes this product: inference on the CPU, fp32 or bf16
+    activations, at most DECODE_ROWS rows, and the kernels built for this machine."""
+    return (_enabled and not torch.is_grad_enabled() and x.device.type == weight.device.type == "cpu"
+            and x.dtype in (torch.float32, torch.bfloat16) and x.numel() <= DECODE_ROWS * x.shape[-1]
+            and weight.is_contiguous() and not torch.is_autocast_enabled("cpu")
+            and decode_ops() is not None)
+
+
+def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+                     is_causal: bool, dropout_p: float = 0.0) -> torch.Tensor:
+    """`F.scaled_dot_product_attention` of q [B, H, T, D] to a KV cache's k, v [B, H, L, D].
+
+    One new token per sequence (T = 1, decoding) at inference on the CPU goes to the decode
+    kernel: PyTorch's CPU attention, built for long queries, takes 0.1-2 ms a layer for it.
+    """
+    if (q.shape[2] == 1 and dropout_p == 0.0 and not is_causal and _enabled and not torch.is_grad_enabled()
+            and q.device.type == "cpu" and q.dtype == k.dtype == v.dtype in (torch.float32, torch.bfloat16)
+            and k.stride(-1) == v.stride(-1) == 1 and not torch.is_autocast_enabled("cpu")
+            and decode_ops() is not None):
+        return decode_ops().decode_attention(q, k, v, attn_mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal)
+
+
+def decode_ops():
+    """`torch.ops.scratchgpt_cpu` (decode_matmul, decode_attention), built on first use; None where
+    they cannot be (not x86 with AVX-512, no compiler)."""
+    global _decode_ops
+    if _decode_ops is None:
+        with _decode_lock:
+            if _decode_ops is None:
+                _decode_ops = _load_decode_ops() or False
+    return _decode_ops or None
+
+
+def _load_decode_ops():
+    """Load the decode kernels from scratchgpt's cache, compiling them there first if needed (~20 s).
+
+    They run on x86 CPUs with AVX-512, and need a C++ compiler and ninja the first time.
+    Where they cannot be built, one warning says why, and PyTorch's kernels do the work.
+    """
+    if not (platform.machine().lower() in ("x86_64", "amd64")
+            and torch.backends.cpu.get_cpu_capability() == "AVX512"):
+        return None
+    build = repr((_DECODE_CFLAGS, torch.__version__, sys.version_info[:2])).encode()
+    name = "scratchgpt_decode_" + hashlib.sha256(_DECODE_SOURCE.read_bytes() + build).hexdigest()[:12]
+    cache = Path(os.environ.get("SCRATCHGPT_CACHE") or Path.home() / ".cache" / "scratchgpt")
+    directory = cache / "kernels" / name
+    library = directory / f"{name}.so"
+    try:
+        if library.exists() and not (directory / "lock").exists():  # built, and no build under way
+            torch.ops.load_library(str(library))
+        else:
+            from torch.utils.cpp_extension import load
+            directory.mkdir(parents=True, exist_ok=True)
+            print(f"scratchgpt: compiling the decode kernels for this CPU into {directory} "
+                  f"(once, about 30 s)", file=sys.stderr, flush=True)
+            load(name, [str(_DECODE_SOURCE)], extra_cflags=_DECODE_CFLAGS, build_directory=str(directory),
+                 is_python_module=False)
+    except Exception as error:  # no compiler, no ninja, a read-only cache ...
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        warnings.warn(f"scratchgpt: the decode kernels could not be built ({reason}); decoding on this CPU "
+                      f"uses PyTorch's kernels (slower). Install a C++ compiler and ninja to get them.")
+        return None
+    torch.library.register_fake("scratchgpt_cpu::decode_matmul")(_decode_matmul_shape)
+    torch.library.register_fake("scratchgpt_cpu::decode_attention")(_decode_attention_shape)
+    return torch.ops.scratchgpt_cpu
+
+
+def _decode_matmul_shape(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,
+                         bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def _decode_attention_shape(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            mask: torch.Tensor | None) -> torch.Tensor:
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
 # ------------------------------------------------------------------------------- int8 weights
 
 QUANTIZATIONS = ("int8",)
@@ -305,6 +403,8 @@ class Int8Linear(nn.Module):
         if self.training:
             raise RuntimeError("int8-quantized layers are for inference only (model.eval()); train the float "
                                "model and quantize it afterwards")
+        if _decode_serves(x, self.weight_int8):
+            return decode_ops().decode_matmul(x, self.weight_int8, self.weight_scale, self.bias)
         if _int8_kernel_serves(x, self.weight_int8):
             if torch.compiler.is_compiling():  # one opaque op in the graph, which computes the bf16 scales
                 return int8_linear(x, self.weight_int8, self.weight_scale.to(torch.bfloat16), self.bias)

@@ -16,7 +16,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .config import ConfigLike, GPTConfig, as_config
-from .kernels import Linear, qkv_projection  # fast paths beside the model; plain PyTorch is their reference
+from .kernels import Linear, cached_attention, qkv_projection  # fast paths beside the model; plain PyTorch is their reference
 
 
 class LayerNorm(nn.Module):
@@ -222,8 +222,7 @@ class MultiHeadAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         else:  # attend to the cached positions too: [B, H, kv_len, D]
             k, v, allowed, causal = cache.append(k, v)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p,
-                                               is_causal=causal)
+            y = cached_attention(q, k, v, allowed, causal, dropout_p)
 
         y = y.transpose(1, 2).reshape(b, num_tokens, self.d_out)  # [B, H, T, D] -> [B, T, E]
         return self.out_proj(y)

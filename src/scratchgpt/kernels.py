@@ -3,14 +3,21 @@
 `model.py` is the readable model; everything here computes the same numbers
 faster on some hardware, and each is tested against the plain PyTorch path:
 
-- `Linear`: oneDNN's matmul for CPU inference, fp32, and bf16 with weights packed
-  into oneDNN's blocked layout (fp32 too for a few rows at a time: batched decoding);
-  and for fp32 training, with its gradients (`qkv_projection` stacks query, key and value);
+- `Linear`: for CPU inference of up to 8 rows (decoding: one token per sequence), our
+  own AVX-512 kernel (`csrc/decode.cpp`), which streams fp32 and bf16 weights from
+  memory as they are; for more rows oneDNN's matmul, fp32, and bf16 with weights packed
+  into oneDNN's blocked layout (fp32 too for up to 32 rows); and for fp32 training,
+  oneDNN with its gradients (`qkv_projection` stacks query, key and value);
+- `cached_attention`: one new token per sequence attending to its KV cache, through the
+  same kernel file (PyTorch's CPU attention is built for long queries);
 - `Int8Linear` and `quantize_model`: int8 weights with one fp32 scale per output
-  channel, multiplied by PyTorch's int8 weight kernel on CPU;
+  channel, multiplied by the decode kernel for a few rows and by PyTorch's int8 weight
+  kernel for more;
 - `CompiledDecoder`: one-token decode steps over the ragged KV cache as one
   `torch.compile` graph (`generate(..., compile=True)`).
 
+The decode kernels are compiled for the machine on first use (`decode_ops`); where that
+cannot be done (no C++ compiler, or a CPU without AVX-512) PyTorch's kernels serve.
 One switch turns every fast path off, so that the model runs plain PyTorch (the
 reference): `SCRATCHGPT_KERNELS=0` in the environment, or `set_enabled(False)`.
 """
@@ -61,16 +68,18 @@ _ONEDNN_LINEAR = (platform.machine().lower() in ("x86_64", "amd64")
 
 
 class Linear(nn.Linear):
-    """`nn.Linear` (same parameters, same `state_dict`) that multiplies through oneDNN on x86 CPUs:
-    inference in fp32 and bf16, and fp32 training (`_OneDNNLinearFunction`).
+    """`nn.Linear` (same parameters, same `state_dict`) that multiplies through the decode kernel
+    (a few rows) or oneDNN on x86 CPUs: inference in fp32 and bf16, and fp32 training
+    (`_OneDNNLinearFunction`).
 
     Decoding one token multiplies a vector by every weight matrix, so its speed is
     how fast the weights stream from memory. For fp32 PyTorch calls MKL, which
-    streams 13-26 GB/s on the AMD CPUs we measured; oneDNN's matmul streams 28-35,
-    close to the copy bandwidth, and is no slower for batches. bf16 weights stream
-    well only once reordered into oneDNN's blocked layout, so that copy is kept
-    beside them (see `_packed`), and so do fp32 weights multiplied by a few rows at a time (a
-    batch of decoding sequences). Measured in benchmarks/README.md.
+    streams 13-26 GB/s on the AMD CPUs we measured; oneDNN's matmul streams more, but
+    bf16 weights only once reordered into oneDNN's blocked layout (a copy kept beside
+    them, see `_packed`), and fp32 ones for several rows only packed for them too. The
+    decode kernel reads either format as it is, for 1 to 8 rows (sequences) at about the
+    cost of one, with no copy; oneDNN takes longer inputs (prompts, training).
+    Measured in benchmarks/README.md.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -190,9 +199,10 @@ def matmul_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.mm(a, b.t())
 
 
-# fp32 products of 2..PACK_ROWS rows (a batch of decoding sequences, a short prompt) multiply with
-# weights packed for them: oneDNN then reads the weights once for all rows, at about the cost of
-# one row, where with the plain layout 8 rows cost 2-3x one (benchmarks/README.md).
+# fp32 products of 2..PACK_ROWS rows that the decode kernel does not take (more than DECODE_ROWS, or
+# where it is not built: a batch of decoding sequences, a short prompt) multiply with weights packed
+# for them: oneDNN then reads the weights once for all rows, at about the cost of one row, where
+# with the plain layout 8 rows cost 2-3x one (benchmarks/README.md).
 PACK_ROWS = 32
 
 

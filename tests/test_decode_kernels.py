@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -141,6 +142,27 @@ def test_a_decoding_model_uses_both_kernels_and_matches_the_plain_path(ops, fmt)
     finally:
         set_enabled(previous)
     assert torch.equal(fast, plain)  # the trained model's top logits stand apart
+
+
+def test_a_library_cut_short_is_built_again(ops, tmp_path):
+    """A build killed while linking leaves a broken library in the cache: the next process builds
+    it again instead of failing on it for good."""
+    env = {**os.environ, "SCRATCHGPT_CACHE": str(tmp_path)}
+    where = "from scratchgpt.kernels import decode_library; print(decode_library())"
+    library = Path(subprocess.run([sys.executable, "-c", where], capture_output=True, text=True, env=env,
+                                  check=True).stdout.strip())
+    assert library.is_relative_to(tmp_path)
+    library.parent.mkdir(parents=True)
+    library.write_bytes(b"\x7fELF cut short")
+    code = ("import torch\n"
+            "from scratchgpt.kernels import decode_ops\n"
+            "x, w = torch.randn(2, 32), torch.randn(5, 32)\n"
+            "print(torch.allclose(decode_ops().decode_matmul(x, w, None, None), x @ w.T, atol=1e-5))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "True"
+    assert "compiling the decode kernels" in result.stderr
+    assert library.stat().st_size > 10_000
 
 
 def test_a_machine_that_cannot_build_the_kernels_still_decodes_and_says_why(tmp_path):

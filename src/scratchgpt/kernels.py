@@ -325,15 +325,17 @@ def _load_decode_ops():
     if not (platform.machine().lower() in ("x86_64", "amd64")
             and torch.backends.cpu.get_cpu_capability() == "AVX512"):
         return None
-    build = repr((_DECODE_CFLAGS, torch.__version__, sys.version_info[:2])).encode()
-    name = "scratchgpt_decode_" + hashlib.sha256(_DECODE_SOURCE.read_bytes() + build).hexdigest()[:12]
-    cache = Path(os.environ.get("SCRATCHGPT_CACHE") or Path.home() / ".cache" / "scratchgpt")
-    directory = cache / "kernels" / name
-    library = directory / f"{name}.so"
+    library = decode_library()
+    directory, name = library.parent, library.stem
     try:
-        if library.exists() and not (directory / "lock").exists():  # built, and no build under way
-            torch.ops.load_library(str(library))
-        else:
+        built = library.exists() and not (directory / "lock").exists()  # built, and no build under way
+        if built:
+            try:
+                torch.ops.load_library(str(library))
+            except OSError:  # a build cut short (the process killed while linking): build it again
+                library.unlink()
+                built = False
+        if not built:
             from torch.utils.cpp_extension import load
             directory.mkdir(parents=True, exist_ok=True)
             print(f"scratchgpt: compiling the decode kernels for this CPU into {directory} "
@@ -348,6 +350,15 @@ def _load_decode_ops():
     torch.library.register_fake("scratchgpt_cpu::decode_matmul")(_decode_matmul_shape)
     torch.library.register_fake("scratchgpt_cpu::decode_attention")(_decode_attention_shape)
     return torch.ops.scratchgpt_cpu
+
+
+def decode_library() -> Path:
+    """Where the decode kernels' library is (or will be) built: one folder per source, flags, torch
+    and Python version, under `$SCRATCHGPT_CACHE/kernels` (default ~/.cache/scratchgpt/kernels)."""
+    build = repr((_DECODE_CFLAGS, torch.__version__, sys.version_info[:2])).encode()
+    name = "scratchgpt_decode_" + hashlib.sha256(_DECODE_SOURCE.read_bytes() + build).hexdigest()[:12]
+    cache = Path(os.environ.get("SCRATCHGPT_CACHE") or Path.home() / ".cache" / "scratchgpt")
+    return cache / "kernels" / name / f"{name}.so"
 
 
 def _decode_matmul_shape(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,

@@ -337,6 +337,7 @@ def _load_decode_ops():
                 built = False
         if not built:
             from torch.utils.cpp_extension import load
+            _put_ninja_on_path()
             directory.mkdir(parents=True, exist_ok=True)
             print(f"scratchgpt: compiling the decode kernels for this CPU into {directory} "
                   f"(once, about 30 s)", file=sys.stderr, flush=True)
@@ -350,6 +351,19 @@ def _load_decode_ops():
     torch.library.register_fake("scratchgpt_cpu::decode_matmul")(_decode_matmul_shape)
     torch.library.register_fake("scratchgpt_cpu::decode_attention")(_decode_attention_shape)
     return torch.ops.scratchgpt_cpu
+
+
+def _put_ninja_on_path() -> None:
+    """torch's builder runs `ninja` from PATH; the `ninja` package (a dependency) installs it beside
+    this Python, which is not on PATH when the environment is used without being activated."""
+    import shutil
+
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+        except ImportError:
+            return  # the build then fails, saying that ninja is needed
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
 def decode_library() -> Path:

@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # The CPU build of torch lies on this project's machines in /opt/wheels (see DESIGN.md).
 export PIP_FIND_LINKS := $(or $(PIP_FIND_LINKS),$(wildcard /opt/wheels))
 
-.PHONY: install vocab demo test test-all bench clean
+.PHONY: install vocab kernels demo test test-all bench clean
 
 install: $(VENV)/.installed
 
@@ -19,6 +19,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 vocab: install
 	$(BIN)/scratchgpt vocab
 
+# The CPU decode kernels (x86 with AVX-512), compiled once into ~/.cache/scratchgpt/kernels here rather
+# than inside the demo's timed training; elsewhere, or without a C++ compiler, a warning and nothing else.
+kernels: install
+	$(BIN)/python -c "from scratchgpt.kernels import decode_ops; decode_ops()"
+
 # The main job: train a small GPT (4 layers, 256 wide) on the Python reference docs that ship with
 # every Python, for about 3.5 minutes on CPU, then sample from it. Writes runs/demo/ (checkpoints,
 # metrics.jsonl, loss.png). Point --data at your own text, or add --init gpt2:124M to fine-tune GPT-2.
@@ -26,7 +31,7 @@ vocab: install
 # bf16 where the CPU multiplies it natively (AVX-512 BF16 or AMX), else the default (fp32 on a CPU).
 DEMO_DTYPE ?= $(shell grep -qsE 'avx512_bf16|amx_bf16' /proc/cpuinfo && echo bf16 || echo auto)
 DEMO_ARGS ?=
-demo: vocab
+demo: vocab kernels
 	rm -rf runs/demo  # each demo starts afresh (train refuses to overwrite a run without --resume)
 	$(BIN)/scratchgpt train --corpus pydoc --out-dir runs/demo \
 		--n-layers 4 --emb-dim 256 --n-heads 4 --context-length 256 --drop-rate 0 --dtype $(DEMO_DTYPE) \
@@ -36,14 +41,14 @@ demo: vocab
 		--temperature 0.8 --top-k 40 --seed 1 "The for statement is used to"
 
 # Fast tests (the default); tests needing ../shared skip with the reason when it is absent.
-test: vocab
+test: vocab kernels
 	$(BIN)/python -m pytest
 
 # Everything, slow tests included.
-test-all: vocab
+test-all: vocab kernels
 	$(BIN)/python -m pytest -m ""
 
-bench: vocab
+bench: vocab kernels
 	$(BIN)/python benchmarks/run_all.py
 
 clean:

@@ -13,9 +13,9 @@ from scratchgpt import GPTModel, load_model_from_checkpoint, save_checkpoint
 from scratchgpt.checkpoint import save_model
 
 
-def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "scratchgpt.cli", *args], input=stdin,
-                          capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}, timeout=120)
+def run_cli(*args: str, stdin: str | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "scratchgpt.cli", *args], input=stdin, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +58,15 @@ def test_generate_reads_the_prompt_from_stdin_and_samples_reproducibly(tokenizer
     first, second = run_cli(*args, stdin="Hello"), run_cli(*args, stdin="Hello")
     assert first.returncode == 0, first.stderr
     assert first.stdout == second.stdout and first.stdout.startswith("Hello")
+
+
+def test_generate_compile_gives_the_tokens_of_eager_decoding(tokenizer, small_checkpoint):
+    args = ("generate", "--checkpoint", str(small_checkpoint), "--max-new-tokens", "12", "--device", "cpu",
+            "Every effort moves you")
+    compiled, eager = run_cli(*args, "--compile", env={"TORCH_LOGS": "dynamo"}), run_cli(*args)
+    assert compiled.returncode == 0, compiled.stderr
+    assert "start tracing _decode_step" in compiled.stderr  # the decode steps were compiled
+    assert compiled.stdout == eager.stdout
 
 
 def test_bad_option_is_one_clear_line_and_a_nonzero_exit(tokenizer, small_checkpoint):

@@ -126,6 +126,9 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
                         "up to end-of-text (default: the style an instruction-tuned checkpoint stores; "
                         "none: continue the text as it is)")
     p.add_argument("--input", default=None, help="the instruction's input (with a prompt style)")
+    p.add_argument("--compile", action="store_true",
+                   help="run the one-token decode steps as one compiled graph (torch.compile): the same tokens, "
+                        "10-25%% faster on CPU after a compile of about a minute, so for long generations")
     p.set_defaults(func=cmd_generate)
 
 
@@ -155,7 +158,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if style is None and args.input is not None:
         raise ValueError("--input is the input of an instruction: it needs a prompt style (--prompt-style)")
     model, tokenizer = load_model_from_args(args)
-    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                    compile=args.compile)
     out = sys.stdout
     if style is not None:  # an instruction: its response only, up to end-of-text
         entry = {"instruction": prompt, "input": args.input or ""}

@@ -144,6 +144,19 @@ def test_a_decoding_model_uses_both_kernels_and_matches_the_plain_path(ops, fmt)
     assert torch.equal(fast, plain)  # the trained model's top logits stand apart
 
 
+@pytest.mark.parametrize("fmt", ["fp32", "bf16"])
+def test_where_the_kernels_run_inference_keeps_no_packed_weight_copies(ops, fmt):
+    """A prompt goes through oneDNN with the plain weights and decoding through the kernel: a bf16
+    model holds half the bytes of an fp32 one, not the same (the packed copies oneDNN would want)."""
+    from scratchgpt.kernels import _PACKED
+
+    model = trained_model()
+    model = model.to(torch.bfloat16) if fmt == "bf16" else model
+    before = len(_PACKED)
+    generate(model, byte_text_ids()[1][:24][None], 8, 64)  # a 24-token prompt, then 8 decode steps
+    assert len(_PACKED) == before
+
+
 def test_a_library_cut_short_is_built_again(ops, tmp_path):
     """A build killed while linking leaves a broken library in the cache: the next process builds
     it again instead of failing on it for good."""

@@ -5,9 +5,10 @@ faster on some hardware, and each is tested against the plain PyTorch path:
 
 - `Linear`: for CPU inference of up to 8 rows (decoding: one token per sequence), our
   own AVX-512 kernel (`csrc/decode.cpp`), which streams fp32 and bf16 weights from
-  memory as they are; for more rows oneDNN's matmul, fp32, and bf16 with weights packed
-  into oneDNN's blocked layout (fp32 too for up to 32 rows); and for fp32 training,
-  oneDNN with its gradients (`qkv_projection` stacks query, key and value);
+  memory as they are; for more rows oneDNN's matmul (where our kernel is not built,
+  oneDNN decodes too, bf16 weights packed into its blocked layout, fp32 too for up to
+  32 rows); and for fp32 training, oneDNN with its gradients (`qkv_projection` stacks
+  query, key and value);
 - `cached_attention`: one new token per sequence attending to its KV cache, through the
   same kernel file (PyTorch's CPU attention is built for long queries);
 - `Int8Linear` and `quantize_model`: int8 weights with one fp32 scale per output
@@ -75,10 +76,11 @@ class Linear(nn.Linear):
     Decoding one token multiplies a vector by every weight matrix, so its speed is
     how fast the weights stream from memory. For fp32 PyTorch calls MKL, which
     streams 13-26 GB/s on the AMD CPUs we measured; oneDNN's matmul streams more, but
-    bf16 weights only once reordered into oneDNN's blocked layout (a copy kept beside
-    them, see `_packed`), and fp32 ones for several rows only packed for them too. The
-    decode kernel reads either format as it is, for 1 to 8 rows (sequences) at about the
-    cost of one, with no copy; oneDNN takes longer inputs (prompts, training).
+    bf16 weights only once reordered into oneDNN's blocked layout, and fp32 ones for
+    several rows only packed for them too. The decode kernel reads either format as it
+    is, for 1 to 8 rows (sequences) at about the cost of one, with no copy; oneDNN takes
+    longer inputs (prompts, training). Where the decode kernels cannot be built, oneDNN
+    decodes too, with packed copies kept beside the weights (see `_packed`).
     Measured in benchmarks/README.md.
     """
 
@@ -199,17 +201,23 @@ def matmul_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.mm(a, b.t())
 
 
-# fp32 products of 2..PACK_ROWS rows that the decode kernel does not take (more than DECODE_ROWS, or
-# where it is not built: a batch of decoding sequences, a short prompt) multiply with weights packed
-# for them: oneDNN then reads the weights once for all rows, at about the cost of one row, where
-# with the plain layout 8 rows cost 2-3x one (benchmarks/README.md).
+# Where the decode kernels are not built, fp32 products of 2..PACK_ROWS rows (a batch of decoding
+# sequences, a short prompt) multiply with weights packed for them: oneDNN then reads the weights
+# once for all rows, at about the cost of one row, where with the plain layout 8 rows cost 2-3x one
+# (benchmarks/README.md).
 PACK_ROWS = 32
 
 
 def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ weight.T + bias through oneDNN: bf16 weights always packed, fp32 ones for a few rows
-    (see `_packed`); one fp32 row streams as fast from the plain layout, with no copy."""
-    if x.dtype == torch.bfloat16 or 1 < x.numel() // x.shape[-1] <= PACK_ROWS:
+    """x @ weight.T + bias through oneDNN.
+
+    Where the decode kernels run, the weights stay as they are: what oneDNN gets then is a
+    prompt, which a packed copy would speed up by 0-25% once, at the cost of doubling the
+    weights' memory (benchmarks/README.md). Elsewhere oneDNN decodes too, and bf16 weights
+    stream well only packed (always), fp32 ones for several rows (see `_packed`); one fp32
+    row streams as fast from the plain layout.
+    """
+    if decode_ops() is None and (x.dtype == torch.bfloat16 or 1 < x.numel() // x.shape[-1] <= PACK_ROWS):
         weight = _packed(weight)
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
@@ -243,7 +251,7 @@ register_optimizer_step_post_hook(_count_optimizer_step)
 def _packed(weight: torch.Tensor) -> torch.Tensor:
     """`weight` in oneDNN's blocked layout, made once and remade when the weight changes.
 
-    bf16 weights stream well only in it (tuned for one row); fp32 weights are packed for
+    Used where the decode kernels are not built, for oneDNN to decode with: bf16 weights stream well only in it (tuned for one row); fp32 weights are packed for
     8 rows, which batched decoding needs. Kept outside the module (keyed weakly by the
     weight) so that copying, saving and `state_dict` never see the opaque tensor, and it
     goes when the weight goes. It doubles the memory of the weights it is made for while

@@ -251,8 +251,9 @@ register_optimizer_step_post_hook(_count_optimizer_step)
 def _packed(weight: torch.Tensor) -> torch.Tensor:
     """`weight` in oneDNN's blocked layout, made once and remade when the weight changes.
 
-    Used where the decode kernels are not built, for oneDNN to decode with: bf16 weights stream well only in it (tuned for one row); fp32 weights are packed for
-    8 rows, which batched decoding needs. Kept outside the module (keyed weakly by the
+    Used where the decode kernels are not built, for oneDNN to decode with: bf16 weights
+    stream well only in it (tuned for one row); fp32 weights are packed for 8 rows, which
+    batched decoding needs. Kept outside the module (keyed weakly by the
     weight) so that copying, saving and `state_dict` never see the opaque tensor, and it
     goes when the weight goes. It doubles the memory of the weights it is made for while
     they are used for inference (fp32: only once products of several rows are asked for).
@@ -406,11 +407,12 @@ class Int8Linear(nn.Module):
     max|weight[n]| / 127`, a quarter of fp32's bytes. Activations stay in the model's
     float format (fp32 or bf16), and so does the bias.
 
-    The product is `x @ (weight_int8 * weight_scale[:, None]).T + bias`: on CPUs it is
-    PyTorch's int8 weight kernel (`aten._weight_int8pack_mm`, fed bf16 activations:
-    with fp32 ones it runs about 15x slower), elsewhere (CUDA, MPS) and with the fast
-    paths off the weight is dequantized for each product (`dequantized_weight`), which is
-    the reference the kernel is tested against. The scales stay fp32 when the model is
+    The product is `x @ (weight_int8 * weight_scale[:, None]).T + bias`: on CPUs the
+    decode kernel for up to DECODE_ROWS rows (it reads the int8 weights at the memory's
+    speed) and PyTorch's int8 weight kernel for more (`aten._weight_int8pack_mm`, fed bf16
+    activations: with fp32 ones it runs about 15x slower); elsewhere (CUDA, MPS) and with
+    the fast paths off the weight is dequantized for each product (`dequantized_weight`),
+    which is the reference the kernels are tested against. The scales stay fp32 when the model is
     cast (`.to(torch.bfloat16)` casts the activations' format, not the stored weights).
     Inference only: a layer in training mode refuses to run.
     """

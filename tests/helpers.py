@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
+import pytest
 import torch
 
 from scratchgpt import GPTModel
@@ -91,3 +97,40 @@ def trained_model() -> GPTModel:
     model = GPTModel(TRAINED_CONFIG)
     model.load_state_dict(dict(_trained_state()))
     return model.eval()
+
+
+# --------------------------------------------------------------------------- `scratchgpt train` as a process
+
+TRAIN_ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
+
+
+class TrainCLI:
+    """`scratchgpt train` with fixed arguments, run as a real process (resume, kill and LoRA tests)."""
+
+    def __init__(self, *args: str):
+        self.args = args
+
+    def command(self, out_dir: Path, *extra: str) -> list[str]:
+        return [sys.executable, "-m", "scratchgpt.cli", "train", *self.args, "--out-dir", str(out_dir), *extra]
+
+    def run(self, out_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+        result = subprocess.run(self.command(out_dir, *extra), capture_output=True, text=True, env=TRAIN_ENV,
+                                timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return result
+
+    def start_and_wait_for(self, out_dir: Path, line_start: str, *extra: str) -> subprocess.Popen:
+        """Start a training process and return once it printed a line beginning with `line_start`."""
+        proc = subprocess.Popen(self.command(out_dir, *extra), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                text=True, env=TRAIN_ENV)
+        for line in proc.stdout:
+            if line.startswith(line_start):
+                return proc
+        proc.wait()
+        pytest.fail(f"training ended (status {proc.returncode}) before printing {line_start!r}")
+
+
+def train_metrics(out_dir: Path) -> list[dict]:
+    """A run's metrics.jsonl without its timing column (the one thing that differs between runs)."""
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in records]

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import json
-import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from conftest import shared_path
+from helpers import TRAIN_ENV as ENV, TrainCLI, train_metrics as metrics
 from scratchgpt.checkpoint import safe_load
 from scratchgpt.cli import main
 
@@ -19,34 +17,8 @@ TINY = ["--corpus", "pydoc", "--n-layers", "2", "--emb-dim", "32", "--n-heads", 
         "--drop-rate", "0.1", "--batch-size", "4", "--lr", "2e-3", "--warmup", "5", "--eval-iters", "2",
         "--sample-tokens", "5", "--device", "cpu", "--deterministic"]
 IN_PROCESS = [arg for arg in TINY[2:] if arg != "--deterministic"]  # no corpus; leave pytest's torch as is
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
-
-
-def train_command(out_dir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "scratchgpt.cli", "train", *TINY, "--out-dir", str(out_dir), *extra]
-
-
-def run_train(out_dir: Path, *extra: str) -> subprocess.CompletedProcess:
-    result = subprocess.run(train_command(out_dir, *extra), capture_output=True, text=True, env=ENV, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    return result
-
-
-def metrics(out_dir: Path) -> list[dict]:
-    """The log without its timing column (the one thing that differs between runs)."""
-    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in records]
-
-
-def start_and_wait_for(out_dir: Path, line_start: str, *extra: str) -> subprocess.Popen:
-    """Start a training process and return once it printed a line beginning with `line_start`."""
-    proc = subprocess.Popen(train_command(out_dir, *extra), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            text=True, env=ENV)
-    for line in proc.stdout:
-        if line.startswith(line_start):
-            return proc
-    proc.wait()
-    pytest.fail(f"training ended (status {proc.returncode}) before printing {line_start!r}")
+TRAIN = TrainCLI(*TINY)
+train_command, run_train, start_and_wait_for = TRAIN.command, TRAIN.run, TRAIN.start_and_wait_for
 
 
 def test_sigkill_and_resume_gives_bitwise_the_same_losses(tmp_path, tokenizer):

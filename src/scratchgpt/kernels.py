@@ -290,13 +290,19 @@ _decode_ops = None  # torch.ops.scratchgpt_cpu once loaded; False where it canno
 _decode_lock = threading.Lock()
 
 
-def _decode_serves(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether the decode kernel computes this product: inference on the CPU, fp32 or bf16
-    activations, at most DECODE_ROWS rows, and the kernels built for this machine."""
-    return (_enabled and not torch.is_grad_enabled() and x.device.type == weight.device.type == "cpu"
-            and x.dtype in (torch.float32, torch.bfloat16) and x.numel() <= DECODE_ROWS * x.shape[-1]
-            and weight.is_contiguous() and not torch.is_autocast_enabled("cpu")
+def _decode_on(t: torch.Tensor) -> bool:
+    """Whether the decode kernels may take `t`: inference (no grad, no autocast) on the CPU, fp32 or
+    bf16, with the fast paths on and the kernels built for this machine."""
+    return (_enabled and not torch.is_grad_enabled() and t.device.type == "cpu"
+            and t.dtype in (torch.float32, torch.bfloat16) and not torch.is_autocast_enabled("cpu")
             and decode_ops() is not None)
+
+
+def _decode_serves(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the decode kernel computes this product: at most DECODE_ROWS rows of x, a contiguous
+    weight on the CPU, and `_decode_on(x)`."""
+    return (x.numel() <= DECODE_ROWS * x.shape[-1] and weight.device.type == "cpu" and weight.is_contiguous()
+            and _decode_on(x))
 
 
 def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
@@ -306,10 +312,8 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mas
     One new token per sequence (T = 1, decoding) at inference on the CPU goes to the decode
     kernel: PyTorch's CPU attention, built for long queries, takes 0.1-2 ms a layer for it.
     """
-    if (q.shape[2] == 1 and dropout_p == 0.0 and not is_causal and _enabled and not torch.is_grad_enabled()
-            and q.device.type == "cpu" and q.dtype == k.dtype == v.dtype in (torch.float32, torch.bfloat16)
-            and k.stride(-1) == v.stride(-1) == 1 and not torch.is_autocast_enabled("cpu")
-            and decode_ops() is not None):
+    if (q.shape[2] == 1 and dropout_p == 0.0 and not is_causal and q.dtype == k.dtype == v.dtype
+            and k.stride(-1) == v.stride(-1) == 1 and _decode_on(q)):
         return decode_ops().decode_attention(q, k, v, attn_mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal)
 

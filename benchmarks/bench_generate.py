@@ -1,7 +1,8 @@
 """Batch-1 generation and the no-grad forward pass: scratchgpt against Hugging Face
 GPT2LMHeadModel and the seed-style code, all holding the same random weights; then
-scratchgpt's number formats (fp32, bf16, int8 weights) against their bandwidth caps,
-a decode step of 8 ragged sequences against a step of one, and where a step's time goes.
+scratchgpt's number formats (fp32, bf16, int8 weights) against their bandwidth caps, each
+decoded by the native step (what `generate` uses) and by the model's forward, a decode step
+of 8 ragged sequences against a step of one, and where a step's time goes.
 
 Default shape: GPT-2 124M (context 1024, qkv biases, untied head), a 16-token
 prompt, 256 new tokens, greedy, fp32, 2 threads. Prints tokens/s, ratios against
@@ -27,6 +28,7 @@ from common import (copy_probe, hf_model_from_gpt, interleaved, machine_line, me
                     seed_model_from_gpt, setup_threads)
 import seed_reference
 from scratchgpt import GPTModel, KVCache, generate, gpt2_config, quantize_model
+from scratchgpt.kernels import compiled_decoder, decoder
 
 
 def weight_bytes_per_token(model: GPTModel) -> int:
@@ -61,7 +63,8 @@ def main() -> None:
     ap.add_argument("--no-formats", action="store_true", help="skip the fp32 / bf16 / int8 comparison")
     ap.add_argument("--no-batch", action="store_true", help="skip the batch-8 ragged decode step")
     ap.add_argument("--compile", action="store_true",
-                    help="add compiled decode steps to the format comparison (minutes of compilation)")
+                    help="add compiled decode steps (CompiledDecoder) to the format comparison (minutes of "
+                         "compilation)")
     ap.add_argument("--profile", action="store_true", help="print where a decode step's time goes")
     ap.add_argument("--quick", action="store_true", help="64 new tokens, 2 repeats, seed loop once")
     args = ap.parse_args()
@@ -158,9 +161,9 @@ def main() -> None:
     if not args.no_formats:
         formats = number_formats(model, args.compile)
         runs: dict[str, Callable[[], object]] = {}
-        for name, (fmt_model, compiled) in formats.items():
-            def run(fmt_model=fmt_model, compiled=compiled, name=name):
-                outputs[name] = generate(fmt_model, prompt, n, context_size=ctx, compile=compiled)
+        for name, (fmt_model, path) in formats.items():
+            def run(fmt_model=fmt_model, path=path, name=name):
+                outputs[name] = greedy(fmt_model, prompt, n, STEPS[path](fmt_model))
             runs[name] = run
         runs["copy"] = copy_run
         if args.compile:
@@ -172,7 +175,8 @@ def main() -> None:
         with torch.no_grad():
             ref = model(probe)
         print(f"\n## number formats, batch 1, {n} new tokens (tokens/s, median of {args.repeats}; "
-              f"cap = weight bytes per token / {bandwidth:.1f} GB/s copy bandwidth measured between the runs)")
+              f"cap = weight bytes per token / {bandwidth:.1f} GB/s copy bandwidth measured between the runs; "
+              f"each format by the native step, which generate uses, and by the model's forward)")
         print(f"{'format':<34}{'tokens/s':>10}{'vs fp32':>9}{'MB/token':>10}{'cap':>8}{'of cap':>8}"
               f"{'max |dlogit|':>14}{'same tokens':>13}")
         base_tps = n / median(ft["fp32"])
@@ -201,19 +205,42 @@ def main() -> None:
         profile_step(quantize_model(copy.deepcopy(model).to(torch.bfloat16)), "int8 weights, bf16 activations")
 
 
-def number_formats(model: GPTModel, compiled: bool) -> dict[str, tuple[GPTModel, bool]]:
-    """The formats to compare, each a (model, compiled) pair holding `model`'s weights."""
+# How a decode step is taken: the native step where it serves (what `generate` and the server use),
+# the model's forward (one module call per layer), or a compiled graph of that forward.
+STEPS: dict[str, Callable[[GPTModel], Callable]] = {
+    "native": decoder,
+    "forward": lambda model: (lambda tokens, cache: model(tokens, cache=cache, logits_from=-1)),
+    "compiled": compiled_decoder,
+}
+
+
+def number_formats(model: GPTModel, compiled: bool) -> dict[str, tuple[GPTModel, str]]:
+    """The formats to compare, each a (model holding `model`'s weights, step path) pair."""
     bf16 = copy.deepcopy(model).to(torch.bfloat16)
-    formats = {
-        "fp32": (model, False),
-        "bf16": (bf16, False),
-        "int8 weights, fp32 activations": (quantize_model(copy.deepcopy(model)), False),
-        "int8 weights, bf16 activations": (quantize_model(copy.deepcopy(bf16)), False),
+    models = {
+        "fp32": model,
+        "bf16": bf16,
+        "int8 weights, fp32 activations": quantize_model(copy.deepcopy(model)),
+        "int8 weights, bf16 activations": quantize_model(copy.deepcopy(bf16)),
     }
-    if compiled:
-        for name in list(formats):
-            formats[name + ", compiled"] = (formats[name][0], True)
+    formats = {name: (m, "native") for name, m in models.items()}
+    for path in ("forward", "compiled") if compiled else ("forward",):
+        formats.update({f"{name}, {path}": (m, path) for name, m in models.items()})
     return formats
+
+
+def greedy(model: GPTModel, prompt: torch.Tensor, n: int, step: Callable) -> torch.Tensor:
+    """`generate(model, prompt, n, ...)` greedily, the prompt prefilled by the forward and every
+    further token by `step(tokens, cache)`."""
+    cache = KVCache(model, prompt.shape[0], prompt.shape[1] + n)
+    tokens = [prompt]
+    with torch.no_grad():
+        logits = model(prompt, cache=cache, logits_from=-1)
+        for i in range(n):
+            tokens.append(logits[:, -1].argmax(-1, keepdim=True))
+            if i + 1 < n:
+                logits = step(tokens[-1], cache)
+    return torch.cat(tokens, dim=1)
 
 
 def ragged_cache(model: GPTModel, lengths: list[int], extra: int) -> KVCache:
@@ -229,44 +256,55 @@ def ragged_cache(model: GPTModel, lengths: list[int], extra: int) -> KVCache:
 
 def batch_step_rows(model: GPTModel, repeats: int, steps: int = 32) -> None:
     """Decode steps of 8 sequences of ragged lengths (64..190 cached positions) against steps of one
-    sequence of the median length, interleaved; fp32 eager."""
+    sequence of the median length, interleaved; fp32, by the native step and by the model's forward."""
     lengths = [64 + 18 * i for i in range(8)]
     single = [lengths[len(lengths) // 2]]
 
-    def stepper(rows: list[int]) -> Callable[[], None]:
+    def stepper(rows: list[int], path: str) -> Callable[[], None]:
         def run() -> None:
             cache = ragged_cache(model, rows, steps)
             token = torch.zeros(len(rows), 1, dtype=torch.long)
+            step = STEPS[path](model)
             with torch.no_grad():
                 start = time.perf_counter()
                 for _ in range(steps):
-                    model(token, cache=cache, logits_from=-1)
-                step_times[len(rows)].append((time.perf_counter() - start) / steps)
+                    step(token, cache)
+                step_times[path, len(rows)].append((time.perf_counter() - start) / steps)
         return run
 
-    step_times: dict[int, list[float]] = {1: [], 8: []}
-    interleaved({"1": stepper(single), "8": stepper(lengths)}, repeats=repeats)
-    one, eight = median(step_times[1]), median(step_times[8])
+    paths = ("native", "forward")
+    step_times: dict[tuple[str, int], list[float]] = {(path, rows): [] for path in paths for rows in (1, 8)}
+    interleaved({f"{path} {len(rows)}": stepper(rows, path) for path in paths for rows in (single, lengths)},
+                repeats=repeats)
     print(f"\n## decode step, 8 sequences of ragged lengths ({lengths[0]}..{lengths[-1]} cached) vs 1 "
           f"({single[0]} cached), fp32, median of {repeats} x {steps} steps")
-    print(f"{'batch':<10}{'ms/step':>10}{'tokens/s':>10}{'vs batch 1':>12}")
-    for rows, t in ((1, one), (8, eight)):
-        print(f"{rows:<10}{t * 1e3:>10.2f}{rows / t:>10.1f}{t / one:>11.2f}x")
+    print(f"{'step':<10}{'batch':<7}{'ms/step':>10}{'tokens/s':>10}{'vs batch 1':>12}")
+    for path in paths:
+        one = median(step_times[path, 1])
+        for rows in (1, 8):
+            t = median(step_times[path, rows])
+            print(f"{path:<10}{rows:<7}{t * 1e3:>10.2f}{rows / t:>10.1f}{t / one:>11.2f}x")
 
 
 def profile_step(model: GPTModel, label: str, steps: int = 32) -> None:
-    """Where a batch-1 decode step's time goes: operator self times grouped by kind, and the rest of
-    the wall time (Python, module calls, dispatch) as what no operator accounts for."""
-    cache = ragged_cache(model, [128], steps + 8)
+    """Where a batch-1 decode step's time goes: through the model's forward, operator self times
+    grouped by kind and the rest of the wall time (Python, module calls, dispatch) as what no
+    operator accounts for; through the native step, its one operator and the rest."""
     token = torch.zeros(1, 1, dtype=torch.long)
-    with torch.no_grad():
-        for _ in range(4):
-            model(token, cache=cache, logits_from=-1)
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            start = time.perf_counter()
-            for _ in range(steps):
-                model(token, cache=cache, logits_from=-1)
-            wall = (time.perf_counter() - start) / steps
+
+    def profiled(step: Callable) -> tuple[torch.profiler.profile, float]:
+        cache = ragged_cache(model, [128], steps + 8)
+        with torch.no_grad():
+            for _ in range(4):
+                step(token, cache)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                start = time.perf_counter()
+                for _ in range(steps):
+                    step(token, cache)
+                wall = (time.perf_counter() - start) / steps
+        return prof, wall
+
+    prof, wall = profiled(STEPS["forward"](model))
     kinds = {"matrix products": ("scratchgpt_cpu::decode_matmul", "mkldnn::_linear_pointwise",
                                  "aten::_weight_int8pack_mm", "aten::addmm", "aten::mm", "aten::linear"),
              "attention": ("scratchgpt_cpu::decode_attention", "aten::scaled_dot_product_attention",
@@ -284,9 +322,14 @@ def profile_step(model: GPTModel, label: str, steps: int = 32) -> None:
     ops = sum(spent.values())
     spent["Python, module calls, dispatch"] = max(wall - ops, 0.0)
     print(f"\n## where a decode step goes: {label}, batch 1, 128 cached positions "
-          f"({wall * 1e3:.2f} ms/step under the profiler)")
+          f"(the model's forward: {wall * 1e3:.2f} ms/step under the profiler)")
     for kind, t in spent.items():
         print(f"{kind:<34}{t * 1e3:>8.2f} ms{t / wall:>7.0%}")
+    prof, wall = profiled(STEPS["native"](model))
+    native = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key == "scratchgpt_cpu::decode_step")
+    native /= 1e6 * steps
+    print(f"the native step: {wall * 1e3:.2f} ms/step, of which its one operator {native * 1e3:.2f} ms "
+          f"({native / wall:.0%}) and the rest (Python, the other operators) {(wall - native) * 1e3:.2f} ms")
 
 
 if __name__ == "__main__":

@@ -51,3 +51,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def decode_kernels():
+    """torch.ops.scratchgpt_cpu (csrc/), built (or loaded from the cache) once; skips where it cannot be."""
+    import platform
+
+    from scratchgpt.kernels import decode_ops
+
+    if platform.machine().lower() not in ("x86_64", "amd64") or torch.backends.cpu.get_cpu_capability() != "AVX512":
+        pytest.skip(f"the decode kernels need an x86 CPU with AVX-512 (this one: {platform.machine()}, "
+                    f"{torch.backends.cpu.get_cpu_capability()})")
+    loaded = decode_ops()
+    if loaded is None:
+        pytest.skip("the decode kernels could not be built here (no C++ compiler or ninja): see the warning")
+    return loaded

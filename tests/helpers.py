@@ -42,6 +42,13 @@ def sharp_model(seed: int = 0, **overrides) -> GPTModel:
     return model.eval()
 
 
+def ops_run(fn) -> set[str]:
+    """Names of the operators `fn()` dispatches, recorded by the profiler."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {event.name for event in prof.events()}
+
+
 @contextlib.contextmanager
 def one_thread():
     """Run torch on one thread here. Beside another busy process (a server under test) on 2 cores,

@@ -61,12 +61,21 @@ def test_generate_reads_the_prompt_from_stdin_and_samples_reproducibly(tokenizer
 
 
 def test_generate_compile_gives_the_tokens_of_eager_decoding(tokenizer, small_checkpoint):
+    """--compile compiles the steps that the native decode step does not take (here fp16, which it
+    does not compute), and leaves the native step to the ones it takes."""
+    from scratchgpt.kernels import decode_ops
+
     args = ("generate", "--checkpoint", str(small_checkpoint), "--max-new-tokens", "12", "--device", "cpu",
             "Every effort moves you")
-    compiled, eager = run_cli(*args, "--compile", env={"TORCH_LOGS": "dynamo"}), run_cli(*args)
+    fp16 = (*args, "--dtype", "fp16")
+    compiled, eager = run_cli(*fp16, "--compile", env={"TORCH_LOGS": "dynamo"}), run_cli(*fp16)
     assert compiled.returncode == 0, compiled.stderr
     assert "start tracing _decode_step" in compiled.stderr  # the decode steps were compiled
     assert compiled.stdout == eager.stdout
+    native, eager = run_cli(*args, "--compile", env={"TORCH_LOGS": "dynamo"}), run_cli(*args)
+    assert native.returncode == 0, native.stderr
+    assert ("start tracing _decode_step" in native.stderr) == (decode_ops() is None)
+    assert native.stdout == eager.stdout
 
 
 def test_bad_option_is_one_clear_line_and_a_nonzero_exit(tokenizer, small_checkpoint):

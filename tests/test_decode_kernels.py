@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import byte_text_ids, trained_model
+from helpers import byte_text_ids, ops_run, trained_model
 from scratchgpt import KVCache, generate, quantize_model
 from scratchgpt.kernels import DECODE_ROWS, Int8Linear, Linear, decode_ops, set_enabled
 
@@ -22,17 +22,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def ops():
-    """torch.ops.scratchgpt_cpu, built (or loaded from the cache) once; skips where it cannot be."""
-    import platform
-
-    if platform.machine().lower() not in ("x86_64", "amd64") or torch.backends.cpu.get_cpu_capability() != "AVX512":
-        pytest.skip(f"the decode kernels need an x86 CPU with AVX-512 (this one: {platform.machine()}, "
-                    f"{torch.backends.cpu.get_cpu_capability()})")
-    loaded = decode_ops()
-    if loaded is None:
-        pytest.skip("the decode kernels could not be built here (no C++ compiler or ninja): see the warning")
-    return loaded
+def ops(decode_kernels):
+    return decode_kernels
 
 
 def quantized(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,12 +92,6 @@ def test_decode_attention_equals_sdpa_over_a_ragged_cache(ops, dtype, head_dim, 
         assert got.dtype == dtype and got.shape == q.shape
         tolerance = 1e-5 if dtype == torch.float32 else 2 ** -7
         assert (got.double() - want).abs().max().item() <= tolerance * want.abs().max().item()
-
-
-def ops_run(fn) -> set[str]:
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        fn()
-    return {event.name for event in prof.events()}
 
 
 @pytest.mark.parametrize("rows", [1, DECODE_ROWS, DECODE_ROWS + 1])

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import byte_text_ids, sharp_model, tiny_config, trained_model
+from helpers import byte_text_ids, ops_run, sharp_model, tiny_config, trained_model
 from scratchgpt import GPTModel, KVCache, generate, quantize_model
 from scratchgpt.kernels import _ONEDNN_LINEAR, Linear, compiled_decoder, set_enabled
 
@@ -35,13 +35,6 @@ def without_decode_kernels():
     previous, kernels._decode_ops = kernels._decode_ops, False
     yield
     kernels._decode_ops = previous
-
-
-def ops_run(fn) -> set[str]:
-    """Names of the operators `fn()` dispatches, recorded by the profiler."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        fn()
-    return {event.name for event in prof.events()}
 
 
 def test_every_linear_layer_is_the_fast_linear_with_seed_shapes():

@@ -14,7 +14,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .kernels import compiled_decoder
+from .kernels import decoder
 from .model import KVCache, check_token_ids
 
 
@@ -94,13 +94,11 @@ def generate_stream(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, co
     cache = (KVCache(model, idx.shape[0], cache_len)
              if use_cache and max_new_tokens > 0 and window.shape[1] < context_size else None)
     new_input = window  # what the cache has not seen yet
+    step = decoder(model, compile) if cache is not None else None
     with torch.no_grad():
         for _ in range(max_new_tokens):
             if cache is not None and cache.length + new_input.shape[1] <= cache.max_len:
-                if compile and new_input.shape[1] == 1:
-                    logits = compiled_decoder(model)(new_input, cache)
-                else:
-                    logits = model(new_input, cache=cache, logits_from=-1)
+                logits = step(new_input, cache)
             else:  # the window slid: positions changed, so re-run it whole as the seed does
                 cache = None
                 logits = model(window, logits_from=-1)

@@ -32,7 +32,9 @@ import sys
 import threading
 import warnings
 import weakref
+from functools import partial
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -284,7 +286,8 @@ def _packed(weight: torch.Tensor) -> torch.Tensor:
 # speed) and its attention (one query per sequence), by our own AVX-512 kernels (csrc/decode.cpp),
 # compiled for this machine on first use.
 DECODE_ROWS = 8
-_DECODE_SOURCE = Path(__file__).with_name("csrc") / "decode.cpp"
+_DECODE_DIR = Path(__file__).with_name("csrc")
+_DECODE_SOURCES = ("decode.cpp", "decode_step.cpp")  # and the header they share, decode_kernels.h
 _DECODE_CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-fopenmp"]
 _decode_ops = None  # torch.ops.scratchgpt_cpu once loaded; False where it cannot be
 _decode_lock = threading.Lock()
@@ -354,7 +357,7 @@ def _load_decode_ops():
             directory.mkdir(parents=True, exist_ok=True)
             print(f"scratchgpt: compiling the decode kernels for this CPU into {directory} "
                   f"(once, about 30 s)", file=sys.stderr, flush=True)
-            load(name, [str(_DECODE_SOURCE)], extra_cflags=_DECODE_CFLAGS, build_directory=str(directory),
+            load(name, [str(_DECODE_DIR / source) for source in _DECODE_SOURCES], extra_cflags=_DECODE_CFLAGS, build_directory=str(directory),
                  is_python_module=False)
     except Exception as error:  # no compiler, no ninja, a read-only cache ...
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -383,7 +386,8 @@ def decode_library() -> Path:
     """Where the decode kernels' library is (or will be) built: one folder per source, flags, torch
     and Python version, under `$SCRATCHGPT_CACHE/kernels` (default ~/.cache/scratchgpt/kernels)."""
     build = repr((_DECODE_CFLAGS, torch.__version__, sys.version_info[:2])).encode()
-    name = "scratchgpt_decode_" + hashlib.sha256(_DECODE_SOURCE.read_bytes() + build).hexdigest()[:12]
+    code = b"".join(path.read_bytes() for path in sorted(_DECODE_DIR.iterdir()) if path.suffix in (".cpp", ".h"))
+    name = "scratchgpt_decode_" + hashlib.sha256(code + build).hexdigest()[:12]
     cache = Path(os.environ.get("SCRATCHGPT_CACHE") or Path.home() / ".cache" / "scratchgpt")
     return cache / "kernels" / name / f"{name}.so"
 
@@ -659,3 +663,116 @@ class _StepLayer:
         torch._check(2 <= kv_len)  # what __call__ ensures, told to the compiler, which sees kv_len as a symbol
         torch._check(kv_len <= keys.shape[2])
         return keys[:, :, :kv_len], values[:, :, :kv_len], step.mask, False
+
+
+# ------------------------------------------------------------------------------- a whole decode step
+
+def decoder(model: nn.Module, compile: bool = False) -> Callable[[torch.Tensor, Any], torch.Tensor]:
+    """A function for `model`'s decode steps: `step(tokens, cache)` returns what `model(tokens,
+    cache=cache, logits_from=-1)` returns, the logits [B, 1, V] after each row's new `tokens` [B, T]
+    (which the cache appends), by the fastest path here for one-token steps.
+
+    - On CPUs with the decode kernels, a plain `GPTModel` at inference (fp32 or bf16, float or int8
+      weights, up to DECODE_ROWS rows) runs each step in one call into `csrc/decode_step.cpp`:
+      the same kernels and roundings as its forward, without the 4-5 ms of Python, module calls and
+      dispatch between them (`NativeDecoder`).
+    - Otherwise `compile` runs the steps through a `CompiledDecoder`,
+    - and anything else (prompts, LoRA layers, hooks, training mode with dropout) through the
+      model's own forward, the reference.
+
+    The model is inspected once, here (about a millisecond): make one decoder per generation, and
+    change the model between generations, not during one.
+    """
+    forward = compiled_decoder(model) if compile else partial(_forward_step, model)
+    params = _step_params(model)
+    return forward if params is None else NativeDecoder(model, params, forward)
+
+
+def _forward_step(model: nn.Module, tokens: torch.Tensor, cache) -> torch.Tensor:
+    return model(tokens, cache=cache, logits_from=-1)
+
+
+class NativeDecoder:
+    """Decode steps of a plain GPT-2 model, one call into `csrc/decode_step.cpp` each, which reads
+    `params` (from `_step_params`), writes the new keys and values into the cache and returns the
+    logits; the rows' lengths advance here. Steps it cannot take (several tokens per row, more than
+    DECODE_ROWS rows, grad or autocast on, the fast paths off) go to `fallback`."""
+
+    def __init__(self, model: nn.Module, params: list[torch.Tensor | None],
+                 fallback: Callable[[torch.Tensor, Any], torch.Tensor]):
+        self.model, self.params, self.fallback = model, params, fallback
+
+    def __call__(self, tokens: torch.Tensor, cache) -> torch.Tensor:
+        from .model import KVCache  # model.py imports this module
+
+        model = self.model
+        table = model.tok_emb.weight
+        if not (tokens.shape[1] == 1 and tokens.shape[0] <= DECODE_ROWS and type(cache) is KVCache
+                and tokens.device.type == "cpu" and _decode_on(table) and cache.keys[0].dtype == table.dtype):
+            return self.fallback(tokens, cache)
+        lengths = cache.lengths
+        if tokens.shape[0] != cache.batch_size:
+            raise ValueError(f"{tokens.shape[0]} rows of tokens for a KV cache of {cache.batch_size} rows")
+        if max(lengths) + 1 > cache.max_len:
+            raise ValueError(f"{max(lengths)} cached + 1 new tokens exceed the KV cache's {cache.max_len} positions")
+        logits = decode_ops().decode_step(tokens.reshape(-1).long(), lengths, table, model.pos_emb.weight,
+                                          self.params, cache.keys, cache.values, model.cfg.n_heads,
+                                          model.final_norm.eps)
+        for row, length in enumerate(lengths):
+            cache.set_length(row, length + 1)
+        return logits
+
+
+def _step_params(model: nn.Module) -> list[torch.Tensor | None] | None:
+    """The tensors `decode_step.cpp` takes, in its order (per layer: norm1, query, key, value, out_proj,
+    norm2, the two feed-forward layers; then the final norm and the head; a layer as weight, int8
+    scales, bias), or None where the native step would not compute what the model's forward does:
+    anything but model.py's own modules (a LoRA wrapper, a subclass), a forward hook, active dropout,
+    a mixed-format model, a model off the CPU, or the kernels off or not built."""
+    from .model import GELU, FeedForward, GPTModel, LayerNorm, MultiHeadAttention, TransformerBlock
+
+    if not (type(model) is GPTModel and _enabled and model.tok_emb.weight.device.type == "cpu"
+            and model.tok_emb.weight.dtype in (torch.float32, torch.bfloat16) and decode_ops() is not None
+            and not _active(model.drop_emb)
+            and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)):
+        return None
+    dtype, eps, heads = model.tok_emb.weight.dtype, model.final_norm.eps, model.cfg.n_heads
+    params: list[torch.Tensor | None] = []
+
+    def add_norm(norm: nn.Module) -> bool:
+        params.extend((norm.scale, norm.shift))
+        return type(norm) is LayerNorm and norm.eps == eps and norm.scale.dtype == dtype and not _hooked(norm)
+
+    def add_linear(layer: nn.Module) -> bool:
+        if type(layer) is Linear and layer.weight.dtype == dtype and layer.weight.is_contiguous():
+            params.extend((layer.weight, None, layer.bias))
+        elif type(layer) is Int8Linear:
+            params.extend((layer.weight_int8, layer.weight_scale, layer.bias))
+        else:
+            return False
+        return (layer.bias is None or layer.bias.dtype == dtype) and not _hooked(layer)
+
+    for block in model.trf_blocks:
+        att, ff = block.att, block.ff
+        if not (type(block) is TransformerBlock and type(att) is MultiHeadAttention and type(ff) is FeedForward
+                and not _hooked(block) and not _hooked(att) and not _hooked(ff)
+                and not _active(block.drop_shortcut) and not (att.training and att.dropout > 0)
+                and att.num_heads == heads and len(ff.layers) == 3 and type(ff.layers[1]) is GELU
+                and not _hooked(ff.layers[1]) and not _hooked(ff.layers)
+                and add_norm(block.norm1) and add_linear(att.W_query) and add_linear(att.W_key)
+                and add_linear(att.W_value) and add_linear(att.out_proj) and add_norm(block.norm2)
+                and add_linear(ff.layers[0]) and add_linear(ff.layers[2])):
+            return None
+    if not (add_norm(model.final_norm) and add_linear(model.out_head) and not _hooked(model)):
+        return None
+    return params
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether `module` has forward hooks, which its forward would run and the native step would not."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def _active(dropout: nn.Module) -> bool:
+    """Whether a dropout layer drops anything: in training mode with p > 0."""
+    return dropout.training and dropout.p > 0

@@ -1,0 +1,211 @@
+"""The native decode step (`kernels.decoder`, csrc/decode_step.cpp): one call per step that computes
+what the model's forward computes. Tested against that forward, through the layer kernels and as
+plain PyTorch (the fast paths off), over ragged batches in every format; and left aside wherever it
+would compute something other than the forward (LoRA layers, hooks, dropout, grad, many rows)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import ops_run, sharp_model, trained_model
+from scratchgpt import GPTModel, KVCache, generate, quantize_model, replace_linear_with_lora
+from scratchgpt.kernels import DECODE_ROWS, NativeDecoder, decoder, set_enabled
+
+pytestmark = pytest.mark.usefixtures("one_thread", "decode_kernels")
+
+STEP_OP = "scratchgpt_cpu::decode_step"
+FORMATS = {
+    "fp32": lambda m: m,
+    "bf16": lambda m: m.to(torch.bfloat16),
+    "int8": quantize_model,  # fp32 activations
+    "int8 bf16": lambda m: quantize_model(m.to(torch.bfloat16)),
+}
+SHAPES = {
+    "tiny": {},
+    # a head width (8) and widths (40, 160) that are not multiples of the 16-wide vectors, no qkv
+    # biases, three layers
+    "odd": {"emb_dim": 40, "n_heads": 5, "n_layers": 3, "qkv_bias": False},
+}
+
+
+def prefilled(model: torch.nn.Module, lengths: list[int], max_len: int) -> KVCache:
+    """A cache whose row i holds a prompt of lengths[i] tokens, each prefilled alone (as a server does)."""
+    cache = KVCache(model, len(lengths), max_len)
+    with torch.no_grad():
+        for row, length in enumerate(lengths):
+            prompt = torch.randint(0, model.cfg.vocab_size, (1, length), generator=torch.Generator().manual_seed(row))
+            model(prompt, cache=cache.rows(row, row + 1))
+    return cache
+
+
+def spread(logits: torch.Tensor) -> float:
+    return (logits.float().max() - logits.float().min()).item()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("lengths", [[7], [5, 16, 1], [3, 9, 4, 12, 8, 1, 6, 10]])
+def test_native_steps_equal_the_models_forward(fmt, shape, lengths):
+    """Six steps of a ragged batch through the native step, the model's forward with the layer
+    kernels, and plain PyTorch: the same logits (fp32: to the last bits; bf16: within rounding steps
+    of the model's format), the same cache contents and lengths."""
+    model = FORMATS[fmt](sharp_model(**SHAPES[shape]))
+    native, forward, plain = (prefilled(model, lengths, 32) for _ in range(3))
+    step = decoder(model)
+    assert isinstance(step, NativeDecoder)
+    bf16 = model.tok_emb.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        for i in range(6):
+            tokens = torch.randint(0, model.cfg.vocab_size, (len(lengths), 1), generator=torch.Generator().manual_seed(i))
+            result = []
+            used = ops_run(lambda: result.append(step(tokens, native)))
+            assert STEP_OP in used and "scratchgpt_cpu::decode_matmul" not in used  # the whole step, one call
+            got = result[0]
+            want = model(tokens, cache=forward, logits_from=-1)
+            previous = set_enabled(False)
+            try:
+                reference = model(tokens, cache=plain, logits_from=-1)
+            finally:
+                set_enabled(previous)
+            assert got.dtype == want.dtype and got.shape == want.shape == (len(lengths), 1, model.cfg.vocab_size)
+            assert native.lengths == forward.lengths == [n + i + 1 for n in lengths]
+            # the same kernels: fp32 differs only where the layer norms and GELU round differently
+            # (an ulp); bf16 where that moves a rounding
+            assert (got.float() - want.float()).abs().max().item() <= (0.01 if bf16 else 1e-5) * spread(want)
+            assert (got.float() - reference.float()).abs().max().item() <= (0.01 if bf16 else 1e-4) * spread(reference)
+        for mine, theirs in zip(native.keys + native.values, forward.keys + forward.values):
+            assert (mine.float() - theirs.float()).abs().max().item() <= (0.01 if bf16 else 1e-5) * theirs.float().abs().max().item()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_generation_through_the_native_step_gives_the_plain_paths_tokens(fmt):
+    """On the model trained in the tests, whose top logits stand apart: the greedy tokens of three
+    prompts decoded together equal those of plain PyTorch, and every step was the native one."""
+    model = FORMATS[fmt](trained_model())
+    prompts = torch.randint(0, 256, (3, 10), generator=torch.Generator().manual_seed(0))
+    used = ops_run(lambda: generate(model, prompts, 2, 64))
+    assert STEP_OP in used
+    fast = generate(model, prompts, 24, 64)
+    previous = set_enabled(False)
+    try:
+        plain = generate(model, prompts, 24, 64)
+    finally:
+        set_enabled(previous)
+    assert torch.equal(fast, plain)
+
+
+def test_a_view_of_some_rows_of_a_bigger_cache_is_stepped_in_place():
+    """The server steps rows 0..hi-1 of its cache (`cache.rows`): the native step writes there and
+    leaves the other rows alone."""
+    model = sharp_model()
+    big, alone = prefilled(model, [4, 6, 5], 16), prefilled(model, [4, 6], 16)
+    before = [k[2].clone() for k in big.keys]
+    tokens = torch.tensor([[3], [7]])
+    with torch.no_grad():
+        got = decoder(model)(tokens, big.rows(0, 2))
+        want = model(tokens, cache=alone, logits_from=-1)
+    assert (got - want).abs().max().item() <= 1e-5 * spread(want)
+    assert big.lengths == [5, 7, 5]
+    assert all(torch.equal(k[2], b) for k, b in zip(big.keys, before))
+
+
+class Doubled(GPTModel):
+    """A subclass: its forward is not the one the native step computes."""
+
+    def forward(self, *args, **kwargs):
+        return 2 * super().forward(*args, **kwargs)
+
+
+def lora_model() -> GPTModel:
+    model = sharp_model()
+    replace_linear_with_lora(model, rank=2, alpha=4.0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora.B"):
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))  # a change to see
+    return model.eval()
+
+
+def hooked_model() -> GPTModel:
+    model = sharp_model()
+    model.trf_blocks[1].ff.layers[2].register_forward_hook(lambda module, args, out: -out)
+    return model
+
+
+def doubled_model() -> GPTModel:
+    model = Doubled(sharp_model().cfg)
+    model.load_state_dict(sharp_model().state_dict())
+    return model.eval()
+
+
+def dropout_model() -> GPTModel:
+    return sharp_model(drop_rate=0.5).train()
+
+
+@pytest.mark.parametrize("make", [lora_model, hooked_model, doubled_model, dropout_model])
+def test_models_the_native_step_would_not_compute_keep_their_forward(make):
+    model = make()
+    assert not isinstance(decoder(model), NativeDecoder)
+    tokens = torch.tensor([[1], [2]])
+
+    def seeded(step) -> torch.Tensor:  # the same dropout masks for both, where there is dropout
+        torch.manual_seed(0)
+        return step(tokens, prefilled(model, [3, 5], 16))
+
+    with torch.no_grad():
+        want = seeded(lambda t, cache: model(t, cache=cache, logits_from=-1))
+        result = []
+        used = ops_run(lambda: result.append(seeded(decoder(model))))
+    assert STEP_OP not in used
+    assert torch.equal(result[0], want)
+
+
+def test_steps_it_cannot_take_go_to_the_forward():
+    """A prompt (several tokens per row), more than DECODE_ROWS rows, grad mode, and the fast paths
+    switched off after the decoder was made: the model's forward, with its results."""
+    model = sharp_model()
+    step = decoder(model)
+
+    def check(tokens: torch.Tensor, lengths: list[int]) -> None:
+        mine, theirs = prefilled(model, lengths, 16), prefilled(model, lengths, 16)
+        result = []
+        used = ops_run(lambda: result.append(step(tokens, mine)))
+        assert STEP_OP not in used
+        assert torch.equal(result[0], model(tokens, cache=theirs, logits_from=-1))
+        assert mine.lengths == theirs.lengths
+
+    with torch.no_grad():
+        check(torch.tensor([[1, 2, 3]]), [4])
+        check(torch.ones(DECODE_ROWS + 1, 1, dtype=torch.long), [2] * (DECODE_ROWS + 1))
+        previous = set_enabled(False)
+        try:
+            check(torch.tensor([[1]]), [4])
+        finally:
+            set_enabled(previous)
+    check(torch.tensor([[1]]), [4])  # grad mode on
+
+
+def test_bad_steps_are_clear_errors_that_change_nothing():
+    model = sharp_model()
+    step = decoder(model)
+    cache = prefilled(model, [3, 16], 16)
+    with torch.no_grad(), pytest.raises(ValueError, match="16 cached \\+ 1 new tokens exceed the KV cache's 16 positions"):
+        step(torch.tensor([[1], [2]]), cache)
+    cache = prefilled(model, [3, 4], 16)
+    keys = [k.clone() for k in cache.keys]
+    vocab = model.cfg.vocab_size
+    with torch.no_grad(), pytest.raises(RuntimeError, match=f"token id {vocab} is outside the model's vocabulary of {vocab}"):
+        step(torch.tensor([[1], [vocab]]), cache)
+    assert cache.lengths == [3, 4] and all(torch.equal(k, before) for k, before in zip(cache.keys, keys))
+    with torch.no_grad(), pytest.raises(ValueError, match="3 rows of tokens for a KV cache of 2 rows"):
+        step(torch.tensor([[1], [2], [3]]), cache)
+
+
+def test_the_server_engine_decodes_through_the_native_step(tokenizer):
+    from scratchgpt.serve.engine import Engine
+
+    model = GPTModel({"vocab_size": 50257, "context_length": 32, "emb_dim": 32, "n_heads": 2, "n_layers": 1,
+                      "drop_rate": 0.0, "qkv_bias": True}).eval()
+    with Engine(model, tokenizer, max_batch=2) as engine:
+        assert isinstance(engine.step, NativeDecoder)

@@ -14,8 +14,11 @@ faster on some hardware, and each is tested against the plain PyTorch path:
 - `Int8Linear` and `quantize_model`: int8 weights with one fp32 scale per output
   channel, multiplied by the decode kernel for a few rows and by PyTorch's int8 weight
   kernel for more;
-- `CompiledDecoder`: one-token decode steps over the ragged KV cache as one
-  `torch.compile` graph (`generate(..., compile=True)`).
+- `decoder`: how a model's one-token decode steps are taken (`generate` and the server ask
+  it once per generation): for a plain GPT-2 on a CPU, the whole step in one native call
+  (`NativeDecoder`, `csrc/decode_step.cpp`: the same kernels, no Python between the layers);
+  elsewhere, on request, one `torch.compile` graph of the forward (`CompiledDecoder`,
+  `generate(..., compile=True)`); else the model's forward.
 
 The decode kernels are compiled for the machine on first use (`decode_ops`); where that
 cannot be done (no C++ compiler, or a CPU without AVX-512) PyTorch's kernels serve.

@@ -209,3 +209,36 @@ def test_the_server_engine_decodes_through_the_native_step(tokenizer):
                       "drop_rate": 0.0, "qkv_bias": True}).eval()
     with Engine(model, tokenizer, max_batch=2) as engine:
         assert isinstance(engine.step, NativeDecoder)
+
+
+def test_an_int8_model_in_training_mode_keeps_the_forward_which_refuses_it():
+    model = quantize_model(sharp_model()).train()
+    step = decoder(model)
+    assert not isinstance(step, NativeDecoder)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="int8-quantized layers are for inference only"):
+        step(torch.tensor([[1]]), KVCache(model, 1, 8))
+
+
+def test_the_operator_checks_every_layers_cache_before_writing(decode_kernels):
+    """Memory safety where Python would not look: a layer whose cache holds fewer positions than the
+    rows' lengths, a wrong head count, or a missing parameter is an error, not a write out of bounds."""
+    from scratchgpt.kernels import _step_params
+
+    model = sharp_model()
+    cache = prefilled(model, [3, 5], 8)
+    params = _step_params(model)
+    keys, values = list(cache.keys), list(cache.values)
+    keys[1] = keys[1][:, :, :5]  # room for positions 0..4 only: row 1 writes position 5
+
+    def call(keys=cache.keys, params=params, heads=model.cfg.n_heads):
+        return decode_kernels.decode_step(torch.tensor([1, 2]), cache.lengths, model.tok_emb.weight,
+                                          model.pos_emb.weight, params, keys, values, heads, 1e-5)
+
+    with torch.no_grad():
+        with pytest.raises(RuntimeError, match="layer 1's cache must be"):
+            call(keys=keys)
+        with pytest.raises(RuntimeError, match="heads do not divide|cache must be"):
+            call(heads=model.cfg.n_heads * 2)
+        with pytest.raises(RuntimeError, match="is missing"):
+            call(params=[None] + params[1:])
+        assert call().shape == (2, 1, model.cfg.vocab_size)

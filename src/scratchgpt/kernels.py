@@ -731,7 +731,8 @@ def _step_params(model: nn.Module) -> list[torch.Tensor | None] | None:
     norm2, the two feed-forward layers; then the final norm and the head; a layer as weight, int8
     scales, bias), or None where the native step would not compute what the model's forward does:
     anything but model.py's own modules (a LoRA wrapper, a subclass), a forward hook, active dropout,
-    a mixed-format model, a model off the CPU, or the kernels off or not built."""
+    int8 layers in training mode, a mixed-format model, a model off the CPU, or the kernels off or not
+    built."""
     from .model import GELU, FeedForward, GPTModel, LayerNorm, MultiHeadAttention, TransformerBlock
 
     if not (type(model) is GPTModel and _enabled and model.tok_emb.weight.device.type == "cpu"
@@ -749,7 +750,7 @@ def _step_params(model: nn.Module) -> list[torch.Tensor | None] | None:
     def add_linear(layer: nn.Module) -> bool:
         if type(layer) is Linear and layer.weight.dtype == dtype and layer.weight.is_contiguous():
             params.extend((layer.weight, None, layer.bias))
-        elif type(layer) is Int8Linear:
+        elif type(layer) is Int8Linear and not layer.training:  # in training mode its forward refuses to run
             params.extend((layer.weight_int8, layer.weight_scale, layer.bias))
         else:
             return False

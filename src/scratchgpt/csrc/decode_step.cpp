@@ -167,19 +167,20 @@ at::Tensor decode_step(const at::Tensor& tokens, at::IntArrayRef lengths, const 
   TORCH_CHECK(values.size() == keys.size() && static_cast<int64_t>(params.size()) == layers * kLayerParams + kTailParams,
               "decode_step: ", kLayerParams, " parameters per layer and ", kTailParams, " after them");
   const Format format{tok_emb.scalar_type() == at::kBFloat16};
-  for (int64_t i = 0; i < layers; ++i)
-    for (const at::Tensor& cache : {keys[i], values[i]})
-      TORCH_CHECK(cache.dim() == 4 && cache.size(0) == B && cache.size(1) == heads && cache.size(3) == D &&
-                  cache.stride(3) == 1 && cache.scalar_type() == tok_emb.scalar_type(),
-                  "decode_step: layer ", i, "'s cache must be [", B, ", ", heads, ", max_len, ", D,
-                  "] in the model's format");
   const int64_t* token = tokens.const_data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b) {
     TORCH_CHECK(token[b] >= 0 && token[b] < tok_emb.size(0), "decode_step: token id ", token[b],
                 " is outside the model's vocabulary of ", tok_emb.size(0));
-    TORCH_CHECK(lengths[b] >= 0 && lengths[b] < pos_emb.size(0) && (layers == 0 || lengths[b] < keys[0].size(2)),
-                "decode_step: row ", b, " has ", lengths[b], " cached positions: no room for one more");
+    TORCH_CHECK(lengths[b] >= 0 && lengths[b] < pos_emb.size(0), "decode_step: row ", b, " has ", lengths[b],
+                " cached positions: no room for one more in a context of ", pos_emb.size(0));
   }
+  const int64_t longest = *std::max_element(lengths.begin(), lengths.end());
+  for (int64_t i = 0; i < layers; ++i)
+    for (const at::Tensor& cache : {keys[i], values[i]})
+      TORCH_CHECK(cache.dim() == 4 && cache.size(0) == B && cache.size(1) == heads && cache.size(2) > longest &&
+                  cache.size(3) == D && cache.stride(3) == 1 && cache.scalar_type() == tok_emb.scalar_type(),
+                  "decode_step: layer ", i, "'s cache must be [", B, ", ", heads, ", more than ", longest, ", ", D,
+                  "] in the model's format");
 
   // x: the residual stream [B, E]; h: its normalised copy; q, k, v, a: attention; f: the feed-forward
   TORCH_CHECK(layers == 0 || params[16].has_value(), "decode_step: layer 0's feed-forward weight is missing");

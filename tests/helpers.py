@@ -50,6 +50,18 @@ def ops_run(fn) -> set[str]:
 
 
 @contextlib.contextmanager
+def plain_pytorch():
+    """Every fast path off inside the block (`kernels.set_enabled(False)`): the reference path."""
+    from scratchgpt.kernels import set_enabled
+
+    previous = set_enabled(False)
+    try:
+        yield
+    finally:
+        set_enabled(previous)
+
+
+@contextlib.contextmanager
 def one_thread():
     """Run torch on one thread here. Beside another busy process (a server under test) on 2 cores,
     OpenMP's spinning workers can make a multi-threaded main thread many times slower."""

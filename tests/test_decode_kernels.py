@@ -14,9 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import byte_text_ids, ops_run, trained_model
+from helpers import byte_text_ids, ops_run, plain_pytorch, trained_model
 from scratchgpt import KVCache, generate, quantize_model
-from scratchgpt.kernels import DECODE_ROWS, Int8Linear, Linear, decode_ops, set_enabled
+from scratchgpt.kernels import DECODE_ROWS, Int8Linear, Linear, decode_ops
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -120,11 +120,8 @@ def test_a_decoding_model_uses_both_kernels_and_matches_the_plain_path(ops, fmt)
         used = ops_run(lambda: model(token, cache=cache.rows(0, 1), logits_from=-1))
     assert {"scratchgpt_cpu::decode_matmul", "scratchgpt_cpu::decode_attention"} <= used
     fast = generate(model, prompt, 20, 64)
-    previous = set_enabled(False)
-    try:
+    with plain_pytorch():
         plain = generate(model, prompt, 20, 64)
-    finally:
-        set_enabled(previous)
     assert torch.equal(fast, plain)  # the trained model's top logits stand apart
 
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import ops_run, sharp_model, trained_model
+from helpers import ops_run, plain_pytorch, sharp_model, trained_model
 from scratchgpt import GPTModel, KVCache, generate, quantize_model, replace_linear_with_lora
-from scratchgpt.kernels import DECODE_ROWS, NativeDecoder, decoder, set_enabled
+from scratchgpt.kernels import DECODE_ROWS, NativeDecoder, decoder
 
 pytestmark = pytest.mark.usefixtures("one_thread", "decode_kernels")
 
@@ -63,11 +63,8 @@ def test_native_steps_equal_the_models_forward(fmt, shape, lengths):
             assert STEP_OP in used and "scratchgpt_cpu::decode_matmul" not in used  # the whole step, one call
             got = result[0]
             want = model(tokens, cache=forward, logits_from=-1)
-            previous = set_enabled(False)
-            try:
+            with plain_pytorch():
                 reference = model(tokens, cache=plain, logits_from=-1)
-            finally:
-                set_enabled(previous)
             assert got.dtype == want.dtype and got.shape == want.shape == (len(lengths), 1, model.cfg.vocab_size)
             assert native.lengths == forward.lengths == [n + i + 1 for n in lengths]
             # the same kernels: fp32 differs only where the layer norms and GELU round differently
@@ -87,11 +84,8 @@ def test_generation_through_the_native_step_gives_the_plain_paths_tokens(fmt):
     used = ops_run(lambda: generate(model, prompts, 2, 64))
     assert STEP_OP in used
     fast = generate(model, prompts, 24, 64)
-    previous = set_enabled(False)
-    try:
+    with plain_pytorch():
         plain = generate(model, prompts, 24, 64)
-    finally:
-        set_enabled(previous)
     assert torch.equal(fast, plain)
 
 
@@ -178,11 +172,8 @@ def test_steps_it_cannot_take_go_to_the_forward():
     with torch.no_grad():
         check(torch.tensor([[1, 2, 3]]), [4])
         check(torch.ones(DECODE_ROWS + 1, 1, dtype=torch.long), [2] * (DECODE_ROWS + 1))
-        previous = set_enabled(False)
-        try:
+        with plain_pytorch():
             check(torch.tensor([[1]]), [4])
-        finally:
-            set_enabled(previous)
     check(torch.tensor([[1]]), [4])  # grad mode on
 
 

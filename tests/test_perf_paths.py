@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import byte_text_ids, ops_run, sharp_model, tiny_config, trained_model
+from helpers import byte_text_ids, ops_run, plain_pytorch, sharp_model, tiny_config, trained_model
 from scratchgpt import GPTModel, KVCache, generate, quantize_model
-from scratchgpt.kernels import _ONEDNN_LINEAR, Linear, compiled_decoder, set_enabled
+from scratchgpt.kernels import _ONEDNN_LINEAR, Linear, compiled_decoder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -205,11 +205,8 @@ def test_training_under_autocast_or_with_kernels_off_uses_f_linear():
     x = torch.randn(4, 64, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert "mkldnn::_linear_pointwise" not in ops_run(lambda: layer(x).float().sum().backward())
-    previous = set_enabled(False)
-    try:
+    with plain_pytorch():
         assert "mkldnn::_linear_pointwise" not in ops_run(lambda: layer(x).sum().backward())
-    finally:
-        set_enabled(previous)
 
 
 @pytest.mark.parametrize("qkv_bias", [True, False])
@@ -232,12 +229,9 @@ def test_a_training_step_equals_the_plain_path(qkv_bias, tied):
 
     fast_loss, fast = loss_and_grads()
     assert "aten::cat" in ops_run(lambda: model(x))  # query, key and value stacked into one product
-    previous = set_enabled(False)
-    try:
+    with plain_pytorch():
         plain_loss, plain = loss_and_grads()
         assert "aten::cat" not in ops_run(lambda: model(x))
-    finally:
-        set_enabled(previous)
     assert fast_loss == pytest.approx(plain_loss, rel=1e-6)
     assert fast.keys() == plain.keys()
     for name in plain:
@@ -311,9 +305,8 @@ FORMATS = {"fp32": lambda m: m, "bf16": lambda m: m.to(torch.bfloat16), "int8": 
 
 @pytest.fixture
 def kernels_off():
-    previous = set_enabled(False)
-    yield
-    set_enabled(previous)
+    with plain_pytorch():
+        yield
 
 
 def prompts_of(lengths: list[int]) -> list[torch.Tensor]:
@@ -351,15 +344,12 @@ def test_fast_paths_agree_with_the_plain_path_on_a_trained_model(fmt):
     fast = generate(model, prompts, 32, 64)
     with torch.no_grad():
         ops = ops_run(lambda: model(prompts))
-    previous = set_enabled(False)
-    try:
+    with plain_pytorch():
         plain = generate(model, prompts, 32, 64)
         want = logits_along(model, fast)
         assert ops_run(lambda: logits_along(model, prompts)).isdisjoint(
             {"mkldnn::_linear_pointwise", "aten::_weight_int8pack_mm", "scratchgpt_cpu::decode_matmul"})
         assert_greedy_agrees(fast, plain, model, TOLERANCE[fmt])
-    finally:
-        set_enabled(previous)
     assert ({"fp32": "mkldnn::_linear_pointwise", "bf16": "mkldnn::_linear_pointwise",
              "int8": "aten::_weight_int8pack_mm"}[fmt]) in ops
     got = logits_along(model, fast)
@@ -371,10 +361,10 @@ def test_the_switch_turns_every_fast_path_off(kernels_off):
     for fmt in FORMATS:
         model = FORMATS[fmt](trained_model())
         with torch.no_grad():
-            ops = ops_run(lambda: model(idx))
+            ops = ops_run(lambda: model(idx)) | ops_run(lambda: generate(model, idx, 3, 64))
         assert ops.isdisjoint({"mkldnn::_linear_pointwise", "mkldnn::_reorder_linear_weight",
                                "aten::_weight_int8pack_mm", "scratchgpt_cpu::decode_matmul",
-                               "scratchgpt_cpu::decode_attention"}), fmt
+                               "scratchgpt_cpu::decode_attention", "scratchgpt_cpu::decode_step"}), fmt
     code = "from scratchgpt import kernels; print(kernels.enabled())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "SCRATCHGPT_KERNELS": "0"}).stdout.strip()

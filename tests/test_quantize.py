@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import byte_text_ids, sharp_model, tiny_config, trained_model
+from helpers import byte_text_ids, ops_run, plain_pytorch, sharp_model, tiny_config, trained_model
 from scratchgpt import (GPTModel, evaluate_perplexity, generate, load_checkpoint, quantize_model,
                         save_checkpoint)
 from scratchgpt.checkpoint import load_model_from_checkpoint
@@ -25,17 +25,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 INT8_LOGIT_TOLERANCE = 0.01
 
 
-def ops_run(fn) -> set[str]:
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        fn()
-    return {event.name for event in prof.events()}
-
-
 @pytest.fixture
 def kernels_off():
-    previous = set_enabled(False)
-    yield
-    set_enabled(previous)
+    with plain_pytorch():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -199,7 +199,7 @@ def test_the_server_engine_decodes_through_the_native_step(tokenizer):
     model = GPTModel({"vocab_size": 50257, "context_length": 32, "emb_dim": 32, "n_heads": 2, "n_layers": 1,
                       "drop_rate": 0.0, "qkv_bias": True}).eval()
     with Engine(model, tokenizer, max_batch=2) as engine:
-        assert isinstance(engine.step, NativeDecoder)
+        assert isinstance(engine.decode_step, NativeDecoder)
 
 
 def test_an_int8_model_in_training_mode_keeps_the_forward_which_refuses_it():

@@ -216,7 +216,7 @@ class Engine:
         self.vocab_size = min(model.cfg.vocab_size, tokenizer.n_vocab)  # ids that both know
         self.device = model.tok_emb.weight.device
         self.cache = KVCache(model, max_batch, self.context_length)  # one row per slot
-        self.step = decoder(self.model)  # the model's decode steps, by the fastest path for it
+        self.decode_step = decoder(self.model)  # the model's decode steps, by the fastest path for it
         self.slots: list[Request | None] = [None] * max_batch
         self.steps = 0  # decode steps run
         self.metrics = EngineMetrics(self)
@@ -405,7 +405,7 @@ class Engine:
         rows = self.slots[:hi]
         tokens = torch.tensor([[r.token_ids[-1] if r is not None else 0] for r in rows], device=self.device)
         try:
-            logits = self.step(tokens, self.cache.rows(0, hi))[:, -1, :]  # [hi, V]
+            logits = self.decode_step(tokens, self.cache.rows(0, hi))[:, -1, :]  # [hi, V]
         except Exception as exc:  # noqa: BLE001 - fail the batch, keep serving
             self._fail([r for r in rows if r is not None], exc)
             return

@@ -360,7 +360,8 @@ def _load_decode_ops():
             directory.mkdir(parents=True, exist_ok=True)
             print(f"scratchgpt: compiling the decode kernels for this CPU into {directory} "
                   f"(once, about 30 s)", file=sys.stderr, flush=True)
-            load(name, [str(_DECODE_DIR / source) for source in _DECODE_SOURCES], extra_cflags=_DECODE_CFLAGS, build_directory=str(directory),
+            load(name, [str(_DECODE_DIR / source) for source in _DECODE_SOURCES], extra_cflags=_DECODE_CFLAGS,
+                 build_directory=str(directory),
                  is_python_module=False)
     except Exception as error:  # no compiler, no ninja, a read-only cache ...
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -699,7 +700,9 @@ class NativeDecoder:
     """Decode steps of a plain GPT-2 model, one call into `csrc/decode_step.cpp` each, which reads
     `params` (from `_step_params`), writes the new keys and values into the cache and returns the
     logits; the rows' lengths advance here. Steps it cannot take (several tokens per row, more than
-    DECODE_ROWS rows, grad or autocast on, the fast paths off) go to `fallback`."""
+    DECODE_ROWS rows, grad or autocast on, the fast paths off, tokens or a cache the forward would
+    refuse) go to `fallback`. Its writes into the cache do not bump the cache tensors' version counters
+    (nothing in a decode loop reads them; the forward's indexed writes do)."""
 
     def __init__(self, model: nn.Module, params: list[torch.Tensor | None],
                  fallback: Callable[[torch.Tensor, Any], torch.Tensor]):
@@ -710,17 +713,19 @@ class NativeDecoder:
 
         model = self.model
         table = model.tok_emb.weight
-        if not (tokens.shape[1] == 1 and tokens.shape[0] <= DECODE_ROWS and type(cache) is KVCache
-                and tokens.device.type == "cpu" and _decode_on(table) and cache.keys[0].dtype == table.dtype):
-            return self.fallback(tokens, cache)
+        if not (tokens.dim() == 2 and tokens.shape[1] == 1 and tokens.shape[0] <= DECODE_ROWS
+                and tokens.dtype in (torch.int64, torch.int32) and tokens.device.type == "cpu"
+                and type(cache) is KVCache and _decode_on(table) and cache.keys[0].dtype == table.dtype
+                and (torch.is_inference_mode_enabled() or not torch.is_inference(cache.keys[0]))):
+            return self.fallback(tokens, cache)  # which also says what is wrong with what it cannot take
         lengths = cache.lengths
         if tokens.shape[0] != cache.batch_size:
             raise ValueError(f"{tokens.shape[0]} rows of tokens for a KV cache of {cache.batch_size} rows")
         if max(lengths) + 1 > cache.max_len:
             raise ValueError(f"{max(lengths)} cached + 1 new tokens exceed the KV cache's {cache.max_len} positions")
-        logits = decode_ops().decode_step(tokens.reshape(-1).long(), lengths, table, model.pos_emb.weight,
-                                          self.params, cache.keys, cache.values, model.cfg.n_heads,
-                                          model.final_norm.eps)
+        ids = tokens.reshape(-1).long().contiguous()  # [B]
+        logits = decode_ops().decode_step(ids, lengths, table, model.pos_emb.weight, self.params, cache.keys,
+                                          cache.values, model.cfg.n_heads, model.final_norm.eps)
         for row, length in enumerate(lengths):
             cache.set_length(row, length + 1)
         return logits
@@ -730,14 +735,16 @@ def _step_params(model: nn.Module) -> list[torch.Tensor | None] | None:
     """The tensors `decode_step.cpp` takes, in its order (per layer: norm1, query, key, value, out_proj,
     norm2, the two feed-forward layers; then the final norm and the head; a layer as weight, int8
     scales, bias), or None where the native step would not compute what the model's forward does:
-    anything but model.py's own modules (a LoRA wrapper, a subclass), a forward hook, active dropout,
-    int8 layers in training mode, a mixed-format model, a model off the CPU, or the kernels off or not
-    built."""
+    anything but model.py's own modules (a LoRA wrapper, a subclass; embeddings with a max_norm), a
+    forward hook anywhere the forward would run one, active dropout, int8 layers in training mode, a
+    mixed-format model, a model off the CPU, or the kernels off or not built."""
     from .model import GELU, FeedForward, GPTModel, LayerNorm, MultiHeadAttention, TransformerBlock
 
     if not (type(model) is GPTModel and _enabled and model.tok_emb.weight.device.type == "cpu"
             and model.tok_emb.weight.dtype in (torch.float32, torch.bfloat16) and decode_ops() is not None
-            and not _active(model.drop_emb)
+            and all(type(table) is nn.Embedding and table.max_norm is None and not _hooked(table)
+                    for table in (model.tok_emb, model.pos_emb))
+            and _inert(model.drop_emb)
             and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)):
         return None
     dtype, eps, heads = model.tok_emb.weight.dtype, model.final_norm.eps, model.cfg.n_heads
@@ -760,7 +767,7 @@ def _step_params(model: nn.Module) -> list[torch.Tensor | None] | None:
         att, ff = block.att, block.ff
         if not (type(block) is TransformerBlock and type(att) is MultiHeadAttention and type(ff) is FeedForward
                 and not _hooked(block) and not _hooked(att) and not _hooked(ff)
-                and not _active(block.drop_shortcut) and not (att.training and att.dropout > 0)
+                and _inert(block.drop_shortcut) and not (att.training and att.dropout > 0)
                 and att.num_heads == heads and len(ff.layers) == 3 and type(ff.layers[1]) is GELU
                 and not _hooked(ff.layers[1]) and not _hooked(ff.layers)
                 and add_norm(block.norm1) and add_linear(att.W_query) and add_linear(att.W_key)
@@ -777,6 +784,7 @@ def _hooked(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
-def _active(dropout: nn.Module) -> bool:
-    """Whether a dropout layer drops anything: in training mode with p > 0."""
-    return dropout.training and dropout.p > 0
+def _inert(dropout: nn.Module) -> bool:
+    """Whether a dropout layer leaves its input as it is: a plain `nn.Dropout`, without hooks, in eval
+    mode or with p = 0."""
+    return type(dropout) is nn.Dropout and not _hooked(dropout) and not (dropout.training and dropout.p > 0)

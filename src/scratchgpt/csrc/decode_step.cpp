@@ -5,13 +5,13 @@
 // 12-32 ms in Python, module calls and the dispatcher between them (benchmarks/README.md), work a
 // C++ engine such as llama.cpp does not have. Here the step is one loop over the layers.
 //
-// What: exactly what model.py's `GPTModel.forward(tokens, cache, logits_from=-1)` computes, in the
-// same order, with the same kernels for the products and the attention (decode_kernels.h), and
-// rounded to the model's format at the same places (for a bf16 model, after every operation, as
-// PyTorch rounds each bf16 tensor it makes). The layer norms, GELU and residual adds, a few
-// thousand values per row, are plain loops on the calling thread. kernels.py decides when a model
-// is plain enough to run here (`decode_step`); tests/test_decode_step.py holds the two against
-// each other.
+// What: what model.py's `GPTModel.forward(tokens, cache, logits_from=-1)` computes, in the same
+// order, with the same kernels for the products and the attention (decode_kernels.h), and rounded
+// to the model's format at the same places (for a bf16 model, after every operation, as PyTorch
+// rounds each bf16 tensor it makes). The layer norms, GELU and residual adds, a few thousand values
+// per row, are plain loops on the calling thread; they differ from PyTorch's by an ulp or so.
+// kernels.py decides when a model is plain enough to run here (`decoder`); tests/test_decode_step.py
+// holds the two against each other.
 
 #include <torch/library.h>
 
@@ -48,7 +48,8 @@ inline __m512 exp16(__m512 x) {
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln 2 in two parts (Cephes)
   r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
   __m512 p = _mm512_set1_ps(1.f / 5040);
-  for (float c : {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  for (float c : {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f})
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
   return _mm512_scalef_ps(p, n);
 }
 
@@ -64,11 +65,38 @@ void gelu(float* x, int64_t n) {
   }
 }
 
+bool is_float(const at::Tensor& t) { return t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16; }
+
+// The checks, made for every parameter before the step writes anything: a layer norm's scale and
+// shift at params[i], i + 1 ...
+void check_norm(const Params& params, int64_t i, int64_t E) {
+  for (int64_t j : {i, i + 1})
+    TORCH_CHECK(params[j].has_value() && params[j]->numel() == E && params[j]->is_contiguous() && is_float(*params[j]),
+                "decode_step: parameter ", j, " (a layer norm's) must be ", E, " contiguous fp32 or bf16 values");
+}
+
+// ... and a layer's weight [N, K] (fp32, bf16 or int8), its int8 scales (fp32) and bias at params[i..i+2].
+void check_linear(const Params& params, int64_t i, int64_t K, int64_t N) {
+  TORCH_CHECK(params[i].has_value(), "decode_step: parameter ", i, " (a weight) is missing");
+  const at::Tensor& weight = *params[i];
+  TORCH_CHECK(weight.dim() == 2 && weight.size(0) == N && weight.size(1) == K && weight.is_contiguous() &&
+              (is_float(weight) || weight.scalar_type() == at::kChar),
+              "decode_step: parameter ", i, " must be a contiguous fp32, bf16 or int8 [", N, ", ", K,
+              "] weight, not ", weight.scalar_type(), " ", weight.sizes());
+  const std::optional<at::Tensor>& scale = params[i + 1];
+  const std::optional<at::Tensor>& bias = params[i + 2];
+  TORCH_CHECK((weight.scalar_type() == at::kChar) == scale.has_value(),
+              "decode_step: int8 weights, and only they, need their scales (parameter ", i, ")");
+  TORCH_CHECK(!scale.has_value() || (scale->scalar_type() == at::kFloat && scale->is_contiguous() &&
+                                     scale->numel() == N),
+              "decode_step: the scales (parameter ", i + 1, ") must be ", N, " contiguous fp32 values");
+  TORCH_CHECK(!bias.has_value() || (bias->is_contiguous() && bias->numel() == N && is_float(*bias)),
+              "decode_step: the bias (parameter ", i + 2, ") must be ", N, " contiguous fp32 or bf16 values");
+}
+
 // out[b] = (x[b] - mean) / sqrt(var + eps) * scale + shift for each of the B rows of E values.
 void layer_norm(const float* x, int64_t B, int64_t E, const at::Tensor& scale, const at::Tensor& shift,
                 double eps, float* out, const Format& format) {
-  TORCH_CHECK(scale.numel() == E && shift.numel() == E && scale.is_contiguous() && shift.is_contiguous(),
-              "decode_step: a layer norm's scale and shift must be ", E, " contiguous values");
   std::vector<float> scale_buffer, shift_buffer;
   const float* w = as_float(scale, E, scale_buffer);
   const float* s = as_float(shift, E, shift_buffer);
@@ -85,22 +113,13 @@ void layer_norm(const float* x, int64_t B, int64_t E, const at::Tensor& scale, c
   format.round(out, B * E);
 }
 
-// y [B, N] = x [B, K] @ weight.T * scales + bias through params[i..i+2], rounded to the model's format.
+// y [B, N] = x [B, K] @ weight.T * scales + bias through params[i..i+2] (checked by check_linear),
+// rounded to the model's format.
 void linear(const Params& params, int64_t i, const float* x, int64_t B, int64_t K, int64_t N, float* y,
             const Format& format) {
-  TORCH_CHECK(params[i].has_value(), "decode_step: parameter ", i, " (a weight) is missing");
   const at::Tensor& weight = *params[i];
-  TORCH_CHECK(weight.dim() == 2 && weight.size(0) == N && weight.size(1) == K && weight.is_contiguous(),
-              "decode_step: parameter ", i, " must be a contiguous [", N, ", ", K, "] weight, not ", weight.sizes());
   const std::optional<at::Tensor>& scale = params[i + 1];
   const std::optional<at::Tensor>& bias = params[i + 2];
-  TORCH_CHECK((weight.scalar_type() == at::kChar) == scale.has_value(),
-              "decode_step: int8 weights, and only they, need their scales (parameter ", i, ")");
-  TORCH_CHECK(!scale.has_value() || (scale->scalar_type() == at::kFloat && scale->is_contiguous() &&
-                                     scale->numel() == N),
-              "decode_step: the scales (parameter ", i + 1, ") must be ", N, " contiguous fp32 values");
-  TORCH_CHECK(!bias.has_value() || (bias->is_contiguous() && bias->numel() == N),
-              "decode_step: the bias (parameter ", i + 2, ") must be ", N, " contiguous values");
   std::vector<float> bias_buffer;
   scratchgpt::matmul(x, B, K, weight, scale.has_value() ? scale->const_data_ptr<float>() : nullptr,
                      bias.has_value() ? as_float(*bias, N, bias_buffer) : nullptr, y);
@@ -163,8 +182,9 @@ at::Tensor decode_step(const at::Tensor& tokens, at::IntArrayRef lengths, const 
   TORCH_CHECK(tok_emb.dim() == 2 && pos_emb.dim() == 2 && pos_emb.size(1) == E && tok_emb.is_contiguous() &&
               pos_emb.is_contiguous() && pos_emb.scalar_type() == tok_emb.scalar_type(),
               "decode_step: the token and position tables must be contiguous [*, E] tensors of one format");
-  TORCH_CHECK(heads > 0 && D * heads == E, "decode_step: ", heads, " heads do not divide ", E);
-  TORCH_CHECK(values.size() == keys.size() && static_cast<int64_t>(params.size()) == layers * kLayerParams + kTailParams,
+  TORCH_CHECK(E > 0 && heads > 0 && D * heads == E, "decode_step: ", heads, " heads do not divide a width of ", E);
+  TORCH_CHECK(values.size() == keys.size() &&
+              static_cast<int64_t>(params.size()) == layers * kLayerParams + kTailParams,
               "decode_step: ", kLayerParams, " parameters per layer and ", kTailParams, " after them");
   const Format format{tok_emb.scalar_type() == at::kBFloat16};
   const int64_t* token = tokens.const_data_ptr<int64_t>();
@@ -182,9 +202,24 @@ at::Tensor decode_step(const at::Tensor& tokens, at::IntArrayRef lengths, const 
                   "decode_step: layer ", i, "'s cache must be [", B, ", ", heads, ", more than ", longest, ", ", D,
                   "] in the model's format");
 
-  // x: the residual stream [B, E]; h: its normalised copy; q, k, v, a: attention; f: the feed-forward
+  // Every parameter checked before anything is written (a bad one leaves the cache as it was).
   TORCH_CHECK(layers == 0 || params[16].has_value(), "decode_step: layer 0's feed-forward weight is missing");
-  const int64_t F = layers ? params[16]->size(0) : 0;
+  const int64_t F = layers ? params[16]->size(0) : 0, tail = layers * kLayerParams;
+  TORCH_CHECK(layers == 0 || F > 0, "decode_step: a feed-forward layer of no width");
+  for (int64_t i = 0; i < layers; ++i) {
+    const int64_t base = i * kLayerParams;
+    check_norm(params, base, E);
+    for (int64_t j : {2, 5, 8, 11}) check_linear(params, base + j, E, E);  // query, key, value, out_proj
+    check_norm(params, base + 14, E);
+    check_linear(params, base + 16, E, F);
+    check_linear(params, base + 19, F, E);
+  }
+  check_norm(params, tail, E);
+  TORCH_CHECK(params[tail + 2].has_value() && params[tail + 2]->dim() == 2, "decode_step: the output head is missing");
+  const int64_t V = params[tail + 2]->size(0);
+  check_linear(params, tail + 2, E, V);
+
+  // x: the residual stream [B, E]; h: its normalised copy; q, k, v, a: attention; f: the feed-forward
   std::vector<float> x(B * E), h(B * E), q(B * E), k(B * E), v(B * E), a(B * E), f(B * F);
   std::vector<float> tok_buffer, pos_buffer;
   for (int64_t b = 0; b < B; ++b) {  // x = tok_emb[token] + pos_emb[position]
@@ -196,10 +231,7 @@ at::Tensor decode_step(const at::Tensor& tokens, at::IntArrayRef lengths, const 
 
   for (int64_t i = 0; i < layers; ++i) {
     const int64_t base = i * kLayerParams;
-    auto param = [&](int64_t j) -> const at::Tensor& {
-      TORCH_CHECK(params[base + j].has_value(), "decode_step: layer ", i, "'s parameter ", j, " is missing");
-      return *params[base + j];
-    };
+    auto param = [&](int64_t j) -> const at::Tensor& { return *params[base + j]; };
     // x = x + out_proj(attention(norm1(x)))
     layer_norm(x.data(), B, E, param(0), param(1), eps, h.data(), format);
     linear(params, base + 2, h.data(), B, E, E, q.data(), format);
@@ -220,11 +252,7 @@ at::Tensor decode_step(const at::Tensor& tokens, at::IntArrayRef lengths, const 
     add(x.data(), h.data(), B * E, format);
   }
 
-  const int64_t tail = layers * kLayerParams;
-  TORCH_CHECK(params[tail].has_value() && params[tail + 1].has_value() && params[tail + 2].has_value(),
-              "decode_step: the final norm or the output head is missing");
   layer_norm(x.data(), B, E, *params[tail], *params[tail + 1], eps, h.data(), format);
-  const int64_t V = params[tail + 2]->size(0);
   at::Tensor logits = at::empty({B, 1, V}, tok_emb.options());
   if (format.bf16) {
     std::vector<float> y(B * V);

@@ -290,7 +290,7 @@ def _packed(weight: torch.Tensor) -> torch.Tensor:
 # compiled for this machine on first use.
 DECODE_ROWS = 8
 _DECODE_DIR = Path(__file__).with_name("csrc")
-_DECODE_SOURCES = ("decode.cpp", "decode_step.cpp")  # and the header they share, decode_kernels.h
+_DECODE_SOURCES = sorted(_DECODE_DIR.glob("*.cpp"))  # built together; they share decode_kernels.h
 _DECODE_CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-fopenmp"]
 _decode_ops = None  # torch.ops.scratchgpt_cpu once loaded; False where it cannot be
 _decode_lock = threading.Lock()
@@ -360,7 +360,7 @@ def _load_decode_ops():
             directory.mkdir(parents=True, exist_ok=True)
             print(f"scratchgpt: compiling the decode kernels for this CPU into {directory} "
                   f"(once, about 30 s)", file=sys.stderr, flush=True)
-            load(name, [str(_DECODE_DIR / source) for source in _DECODE_SOURCES], extra_cflags=_DECODE_CFLAGS,
+            load(name, [str(source) for source in _DECODE_SOURCES], extra_cflags=_DECODE_CFLAGS,
                  build_directory=str(directory),
                  is_python_module=False)
     except Exception as error:  # no compiler, no ninja, a read-only cache ...
@@ -390,7 +390,7 @@ def decode_library() -> Path:
     """Where the decode kernels' library is (or will be) built: one folder per source, flags, torch
     and Python version, under `$SCRATCHGPT_CACHE/kernels` (default ~/.cache/scratchgpt/kernels)."""
     build = repr((_DECODE_CFLAGS, torch.__version__, sys.version_info[:2])).encode()
-    code = b"".join(path.read_bytes() for path in sorted(_DECODE_DIR.iterdir()) if path.suffix in (".cpp", ".h"))
+    code = b"".join(path.read_bytes() for path in [*_DECODE_SOURCES, *sorted(_DECODE_DIR.glob("*.h"))])
     name = "scratchgpt_decode_" + hashlib.sha256(code + build).hexdigest()[:12]
     cache = Path(os.environ.get("SCRATCHGPT_CACHE") or Path.home() / ".cache" / "scratchgpt")
     return cache / "kernels" / name / f"{name}.so"

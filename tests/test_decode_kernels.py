@@ -33,12 +33,14 @@ def quantized(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8])
-@pytest.mark.parametrize("in_features, out_features", [(64, 96), (40, 7), (768, 33), (3, 1)])
-@pytest.mark.parametrize("weights", ["fp32", "bf16", "int8 fp32", "int8 bf16"])
+@pytest.mark.parametrize("in_features, out_features", [(64, 96), (40, 7), (768, 33), (3, 1), (100, 5)])
+@pytest.mark.parametrize("weights", ["fp32", "bf16", "bf16 fp32", "int8 fp32", "int8 bf16"])
 @pytest.mark.parametrize("bias", [True, False])
 def test_decode_matmul_equals_f_linear(ops, rows, in_features, out_features, weights, bias):
-    """Every row count, widths that are not multiples of the 16-wide vectors (masked tails) and
-    an output count not a multiple of the blocks; each weight format with its activations."""
+    """Every row count, widths that are not multiples of the 16- or 32-wide vectors (masked tails)
+    and an output count not a multiple of the blocks; each weight format with its activations.
+    bf16 weights with bf16 activations multiply in pairs (AVX-512 BF16) where the CPU can; with
+    fp32 activations ("bf16 fp32") they are widened to fp32, as on CPUs without it."""
     g = torch.Generator().manual_seed(rows * 1000 + in_features + out_features)
     x = torch.randn(rows, in_features, generator=g)
     w = torch.randn(out_features, in_features, generator=g) / in_features ** 0.5
@@ -52,7 +54,8 @@ def test_decode_matmul_equals_f_linear(ops, rows, in_features, out_features, wei
         want = F.linear(x.double(), w8.double() * scale.double()[:, None], None if b is None else b.double())
     else:
         dtype = torch.bfloat16 if weights == "bf16" else torch.float32
-        x, w, b = x.to(dtype), w.to(dtype), None if b is None else b.to(dtype)
+        x, b = x.to(dtype), None if b is None else b.to(dtype)
+        w = w.to(torch.bfloat16 if weights.startswith("bf16") else dtype)
         got = ops.decode_matmul(x, w, None, b)
         want = F.linear(x.double(), w.double(), None if b is None else b.double())
     assert got.dtype == dtype and got.shape == (rows, out_features)

@@ -42,7 +42,7 @@ at::Tensor decode_matmul(const at::Tensor& x, const at::Tensor& weight, const c1
   const bool fp32_out = y.scalar_type() == at::kFloat;
   if (!fp32_out) y_buffer.resize(M * N);
   float* yp = fp32_out ? y.data_ptr<float>() : y_buffer.data();
-  scratchgpt::matmul(xp, M, K, weight, s, b, yp);
+  scratchgpt::matmul(xp, M, K, weight, s, b, yp, xc.scalar_type() == at::kBFloat16);
   if (!fp32_out) {  // bf16 out, rounded to nearest even as .to(torch.bfloat16) does
     at::BFloat16* out = y.data_ptr<at::BFloat16>();
     for (int64_t i = 0; i < M * N; ++i) out[i] = static_cast<at::BFloat16>(y_buffer[i]);

@@ -42,28 +42,67 @@ inline __m512 load16(const int8_t* w, __mmask16 mask) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, w)));
 }
 
-// acc[m][j][u] += x[m, k:k+16] * w[j, k:k+16] for m < M, j < N (lanes outside `mask`: nothing).
-template <int M, int N, int U, typename W>
-__attribute__((always_inline)) inline void step(__m512 (&acc)[M][N][U], int u, const float* x, int64_t K,
-                                                const W* w, int64_t k, __mmask16 mask) {
-  __m512 wv[N];
+// How a product reads and multiplies its operands, `Lanes` values of a row of x and of w at a time.
+// Widen<W>: x in fp32, w widened to fp32 in registers, one fused multiply-add per 16 values.
+template <typename W>
+struct Widen {
+  using X = float;
+  using Mask = __mmask16;
+  using Vec = __m512;
+  static constexpr int Lanes = 16;
+  static Vec load_w(const W* w, Mask mask) { return load16(w, mask); }
+  static Vec load_x(const X* x, Mask mask) { return _mm512_maskz_loadu_ps(mask, x); }
+  static __m512 madd(Vec x, Vec w, __m512 acc) { return _mm512_fmadd_ps(x, w, acc); }
+};
+
+// DotBF16: x and w both bf16, multiplied in pairs by AVX-512 BF16's vdpbf16ps, 32 values per
+// instruction with nothing to widen: acc[i] += x[2i] w[2i] + x[2i+1] w[2i+1] in fp32. A product of
+// two bf16 values is exact in fp32, so this rounds as the fused multiply-adds do (only the order of
+// the sum differs); bf16's subnormals (below 1.2e-38) count as zero. Written as inline assembly so
+// that the file builds for every AVX-512 CPU; it runs only where has_bf16_dot() says so.
+struct DotBF16 {
+  using X = at::BFloat16;
+  using Mask = __mmask32;
+  using Vec = __m512i;
+  static constexpr int Lanes = 32;
+  static Vec load_w(const at::BFloat16* w, Mask mask) { return _mm512_maskz_loadu_epi16(mask, w); }
+  static Vec load_x(const X* x, Mask mask) { return _mm512_maskz_loadu_epi16(mask, x); }
+  static __m512 madd(Vec x, Vec w, __m512 acc) {
+    asm("vdpbf16ps %2, %1, %0" : "+v"(acc) : "v"(x), "v"(w));
+    return acc;
+  }
+};
+
+// Whether this CPU has AVX-512 BF16 (for DotBF16).
+inline bool has_bf16_dot() {
+  static const bool has = __builtin_cpu_supports("avx512bf16");
+  return has;
+}
+
+// acc[m][j][u] += x[m, k:k+Lanes] * w[j, k:k+Lanes] for m < M, j < N (lanes outside `mask`: nothing).
+template <int M, int N, int U, typename P, typename W>
+__attribute__((always_inline)) inline void step(__m512 (&acc)[M][N][U], int u, const typename P::X* x, int64_t K,
+                                                const W* w, int64_t k, typename P::Mask mask) {
+  typename P::Vec wv[N];
 #pragma GCC unroll 8
   for (int j = 0; j < N; ++j) {
     _mm_prefetch((const char*)(w + j * K + k) + kPrefetch, _MM_HINT_T0);  // the stream, a few KB ahead
-    wv[j] = load16(w + j * K + k, mask);
+    wv[j] = P::load_w(w + j * K + k, mask);
   }
 #pragma GCC unroll 8
   for (int m = 0; m < M; ++m) {
-    const __m512 xv = _mm512_maskz_loadu_ps(mask, x + m * K + k);
+    const typename P::Vec xv = P::load_x(x + m * K + k, mask);
 #pragma GCC unroll 8
-    for (int j = 0; j < N; ++j) acc[m][j][u] = _mm512_fmadd_ps(xv, wv[j], acc[m][j][u]);
+    for (int j = 0; j < N; ++j) acc[m][j][u] = P::madd(xv, wv[j], acc[m][j][u]);
   }
 }
 
 // y[0:M, n:n+N] for weight rows n..n+N-1 (N of them) and M rows of x, U accumulators per pair.
-template <int M, int N, int U, typename W>
-inline void tile(const float* x, int64_t K, const W* w, int64_t n, float* y, int64_t ldy,
+template <int M, int N, int U, typename P, typename W>
+inline void tile(const typename P::X* x, int64_t K, const W* w, int64_t n, float* y, int64_t ldy,
                  const float* scale, const float* bias) {
+  using Mask = typename P::Mask;
+  constexpr int L = P::Lanes;
   __m512 acc[M][N][U];
 #pragma GCC unroll 8
   for (int m = 0; m < M; ++m)
@@ -73,11 +112,11 @@ inline void tile(const float* x, int64_t K, const W* w, int64_t n, float* y, int
       for (int u = 0; u < U; ++u) acc[m][j][u] = _mm512_setzero_ps();
   const W* wn = w + n * K;
   int64_t k = 0;
-  for (; k + 16 * U <= K; k += 16 * U)
+  for (; k + L * U <= K; k += L * U)
 #pragma GCC unroll 8
-    for (int u = 0; u < U; ++u) step<M, N, U>(acc, u, x, K, wn, k + 16 * u, (__mmask16)0xFFFF);
-  for (; k + 16 <= K; k += 16) step<M, N, U>(acc, 0, x, K, wn, k, (__mmask16)0xFFFF);
-  if (k < K) step<M, N, U>(acc, 0, x, K, wn, k, (__mmask16)((1u << (K - k)) - 1));
+    for (int u = 0; u < U; ++u) step<M, N, U, P>(acc, u, x, K, wn, k + L * u, (Mask)~Mask(0));
+  for (; k + L <= K; k += L) step<M, N, U, P>(acc, 0, x, K, wn, k, (Mask)~Mask(0));
+  if (k < K) step<M, N, U, P>(acc, 0, x, K, wn, k, (Mask)((uint64_t(1) << (K - k)) - 1));
 #pragma GCC unroll 8
   for (int m = 0; m < M; ++m)
 #pragma GCC unroll 8
@@ -93,50 +132,59 @@ inline void tile(const float* x, int64_t K, const W* w, int64_t n, float* y, int
 }
 
 // Weight rows [n0, n1) against all M rows of x: blocks of N weight rows, the last rows one by one.
-template <int M, typename W>
-inline void rows(const float* x, int64_t K, const W* w, int64_t n0, int64_t n1, float* y, int64_t ldy,
-          const float* scale, const float* bias) {
+template <int M, typename P, typename W>
+inline void rows(const typename P::X* x, int64_t K, const W* w, int64_t n0, int64_t n1, float* y, int64_t ldy,
+                 const float* scale, const float* bias) {
   // One or two rows of x: one weight row at a time with 4 accumulators, so that the weights
   // are read as one forward stream (the fastest for the prefetchers: 1.3-2x interleaving 4 rows).
   // More rows: two weight rows share each load of x, the products bound by multiply-adds.
   constexpr int N = M <= 2 ? 1 : 2;
   constexpr int U = M <= 2 ? 4 : 1;
   int64_t n = n0;
-  for (; n + N <= n1; n += N) tile<M, N, U>(x, K, w, n, y, ldy, scale, bias);
-  for (; n < n1; ++n) tile<M, 1, U>(x, K, w, n, y, ldy, scale, bias);
+  for (; n + N <= n1; n += N) tile<M, N, U, P>(x, K, w, n, y, ldy, scale, bias);
+  for (; n < n1; ++n) tile<M, 1, U, P>(x, K, w, n, y, ldy, scale, bias);
 }
 
-template <typename W>
-inline void matmul(const float* x, int64_t M, int64_t K, const W* w, int64_t N, float* y,
-            const float* scale, const float* bias) {
+template <typename P, typename W>
+inline void matmul(const typename P::X* x, int64_t M, int64_t K, const W* w, int64_t N, float* y,
+                   const float* scale, const float* bias) {
   // enough output features per thread that a thread's share is worth waking it for
   const int64_t grain = std::max<int64_t>(16, (1 << 16) / (K * sizeof(W)));
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
     n0 -= n0 % 4;  // blocks of rows stay whole (the split only moves a boundary)
     if (n1 != N) n1 -= n1 % 4;
     switch (M) {
-      case 1: rows<1>(x, K, w, n0, n1, y, N, scale, bias); break;
-      case 2: rows<2>(x, K, w, n0, n1, y, N, scale, bias); break;
-      case 3: rows<3>(x, K, w, n0, n1, y, N, scale, bias); break;
-      case 4: rows<4>(x, K, w, n0, n1, y, N, scale, bias); break;
-      case 5: rows<5>(x, K, w, n0, n1, y, N, scale, bias); break;
-      case 6: rows<6>(x, K, w, n0, n1, y, N, scale, bias); break;
-      case 7: rows<7>(x, K, w, n0, n1, y, N, scale, bias); break;
-      default: rows<8>(x, K, w, n0, n1, y, N, scale, bias); break;
+      case 1: rows<1, P>(x, K, w, n0, n1, y, N, scale, bias); break;
+      case 2: rows<2, P>(x, K, w, n0, n1, y, N, scale, bias); break;
+      case 3: rows<3, P>(x, K, w, n0, n1, y, N, scale, bias); break;
+      case 4: rows<4, P>(x, K, w, n0, n1, y, N, scale, bias); break;
+      case 5: rows<5, P>(x, K, w, n0, n1, y, N, scale, bias); break;
+      case 6: rows<6, P>(x, K, w, n0, n1, y, N, scale, bias); break;
+      case 7: rows<7, P>(x, K, w, n0, n1, y, N, scale, bias); break;
+      default: rows<8, P>(x, K, w, n0, n1, y, N, scale, bias); break;
     }
   });
 }
 
 // y [M, N] = x [M, K] @ weight [N, K].T * scale + bias, the weight fp32, bf16 or int8 (then with its
-// fp32 scales); x, y, scale and bias are fp32 (scale and bias may be null).
+// fp32 scales); x, y, scale and bias are fp32 (scale and bias may be null). `x_is_bf16`: every value
+// of x is a bf16 number (a bf16 model's activations), so that bf16 weights may take DotBF16.
 inline void matmul(const float* x, int64_t M, int64_t K, const at::Tensor& weight, const float* scale,
-                   const float* bias, float* y) {
+                   const float* bias, float* y, bool x_is_bf16 = false) {
   if (M == 0) return;
   const int64_t N = weight.size(0);
   switch (weight.scalar_type()) {
-    case at::kFloat: matmul(x, M, K, weight.const_data_ptr<float>(), N, y, scale, bias); break;
-    case at::kBFloat16: matmul(x, M, K, weight.const_data_ptr<at::BFloat16>(), N, y, scale, bias); break;
-    case at::kChar: matmul(x, M, K, weight.const_data_ptr<int8_t>(), N, y, scale, bias); break;
+    case at::kFloat: matmul<Widen<float>>(x, M, K, weight.const_data_ptr<float>(), N, y, scale, bias); break;
+    case at::kBFloat16:
+      if (x_is_bf16 && has_bf16_dot()) {
+        static thread_local std::vector<at::BFloat16> x_bf16;
+        x_bf16.assign(x, x + M * K);  // exact: the values are bf16 numbers
+        matmul<DotBF16>(x_bf16.data(), M, K, weight.const_data_ptr<at::BFloat16>(), N, y, scale, bias);
+      } else {
+        matmul<Widen<at::BFloat16>>(x, M, K, weight.const_data_ptr<at::BFloat16>(), N, y, scale, bias);
+      }
+      break;
+    case at::kChar: matmul<Widen<int8_t>>(x, M, K, weight.const_data_ptr<int8_t>(), N, y, scale, bias); break;
     default: TORCH_CHECK(false, "decode kernels: weights must be fp32, bf16 or int8, not ", weight.scalar_type());
   }
 }

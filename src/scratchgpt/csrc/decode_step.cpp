@@ -114,16 +114,16 @@ void layer_norm(const float* x, int64_t B, int64_t E, const at::Tensor& scale, c
 }
 
 // y [B, N] = x [B, K] @ weight.T * scales + bias through params[i..i+2] (checked by check_linear),
-// rounded to the model's format.
+// x in the model's format, y rounded to it unless `round_y` is false.
 void linear(const Params& params, int64_t i, const float* x, int64_t B, int64_t K, int64_t N, float* y,
-            const Format& format) {
+            const Format& format, bool round_y = true) {
   const at::Tensor& weight = *params[i];
   const std::optional<at::Tensor>& scale = params[i + 1];
   const std::optional<at::Tensor>& bias = params[i + 2];
   std::vector<float> bias_buffer;
   scratchgpt::matmul(x, B, K, weight, scale.has_value() ? scale->const_data_ptr<float>() : nullptr,
-                     bias.has_value() ? as_float(*bias, N, bias_buffer) : nullptr, y);
-  format.round(y, B * N);
+                     bias.has_value() ? as_float(*bias, N, bias_buffer) : nullptr, y, format.bf16);
+  if (round_y) format.round(y, B * N);
 }
 
 // x = x + y, rounded to the model's format.
@@ -256,7 +256,7 @@ at::Tensor decode_step(const at::Tensor& tokens, at::IntArrayRef lengths, const 
   at::Tensor logits = at::empty({B, 1, V}, tok_emb.options());
   if (format.bf16) {
     std::vector<float> y(B * V);
-    linear(params, tail + 2, h.data(), B, E, V, y.data(), Format{false});
+    linear(params, tail + 2, h.data(), B, E, V, y.data(), format, false);  // rounded below, as stored
     at::BFloat16* out = logits.data_ptr<at::BFloat16>();
     for (int64_t i = 0; i < B * V; ++i) out[i] = static_cast<at::BFloat16>(y[i]);
   } else {

@@ -9,7 +9,8 @@
 // is read straight from the tensor the model holds: 16 weights at a time are loaded, widened
 // to fp32 in registers (bf16: a shift; int8: two conversions) and multiplied into fp32
 // accumulators for every row of x, so a weight is read from memory once however many rows
-// (sequences) there are. The threads split the output features.
+// (sequences) there are; bf16 weights with bf16 rows are instead multiplied 32 at a time in
+// pairs, where the CPU has AVX-512 BF16 (DotBF16). The threads split the output features.
 //
 // attend: one query (a decode step's new token) attending to its cached keys and values.
 
@@ -62,8 +63,9 @@ struct Widen {
 // DotBF16: x and w both bf16, multiplied in pairs by AVX-512 BF16's vdpbf16ps, 32 values per
 // instruction with nothing to widen: acc[i] += x[2i] w[2i] + x[2i+1] w[2i+1] in fp32. A product of
 // two bf16 values is exact in fp32, so this rounds as the fused multiply-adds do (only the order of
-// the sum differs); bf16's subnormals (below 1.2e-38) count as zero. Written as inline assembly so
-// that the file builds for every AVX-512 CPU; it runs only where has_bf16_dot() says so.
+// the sum differs); inputs, products and sums below 2^-126 (1.2e-38) count as zero. Written as inline
+// assembly so that the file builds for every AVX-512 CPU (with binutils 2.32 or later, which know the
+// instruction); it runs only where has_bf16_dot() says so.
 struct DotBF16 {
   using X = at::BFloat16;
   using Mask = __mmask32;
@@ -90,7 +92,8 @@ __attribute__((always_inline)) inline void step(__m512 (&acc)[M][N][U], int u, c
   typename P::Vec wv[N];
 #pragma GCC unroll 8
   for (int j = 0; j < N; ++j) {
-    _mm_prefetch((const char*)(w + j * K + k) + kPrefetch, _MM_HINT_T1);  // the stream, ahead
+    // The stream, ahead (the address may lie past the tensor, so it is formed as an integer).
+    _mm_prefetch((const char*)(reinterpret_cast<uintptr_t>(w + j * K + k) + kPrefetch), _MM_HINT_T1);
     wv[j] = P::load_w(w + j * K + k, mask);
   }
 #pragma GCC unroll 8
